@@ -1,0 +1,25 @@
+# Quickstart targets: each creates/uses a local virtualenv (.venv) with the pinned stack.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test smoke bench install clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/modistill smoke --out runs/smoke
+
+smoke: $(BIN)/.installed
+	$(BIN)/modistill smoke --out runs/smoke
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,123 @@
+"""The `modistill` command: one sub-command per job, each a thin layer over library functions.
+
+Errors in user input (`UserError`) print one line and exit with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from modistill.errors import UserError
+
+
+def _cmd_upcycle(args: argparse.Namespace) -> int:
+    from modistill.io import atomic_output_dir, check_output_dir, write_json_atomic
+    from modistill.models import load as model_io
+    from modistill.upcycle import plan_upcycle, upcycle
+
+    # Refuse bad requests before the (possibly long) load of the weights.
+    check_output_dir(args.out, args.overwrite)
+    config = model_io.load_config(args.model, args.trust_remote_code)
+    model_io.check_supported(config, args.model)
+    plan_upcycle(config, args.num_experts, args.top_k, args.layers)
+    loaded = model_io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    moe = upcycle(
+        loaded.model, args.num_experts, args.top_k, args.layers, router_std=args.router_std, seed=args.seed
+    )
+    with atomic_output_dir(args.out, args.overwrite) as tmp:
+        model_io.save_model(moe, loaded.processor, tmp)
+        write_json_atomic(
+            tmp / "upcycle.json",
+            {"source": str(args.model), "num_experts": args.num_experts, "top_k": args.top_k,
+             "layers": args.layers, "router_std": args.router_std, "seed": args.seed},
+        )
+    from modistill.info import describe, format_info
+
+    print(f"wrote {args.out}")
+    print(format_info(describe(moe, loaded.processor)))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from modistill.info import describe, format_info
+    from modistill.models.load import load_model
+
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    info = describe(loaded.model, loaded.processor)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def _cmd_smoke(args: argparse.Namespace) -> int:
+    from modistill.smoke import run_smoke
+
+    run_smoke(args.out, seed=args.seed)
+    return 0
+
+
+def _add_upcycle(sub) -> None:
+    p = sub.add_parser("upcycle", help="turn a dense model (Llava or causal LM) into a native transformers MoE")
+    p.add_argument("--model", required=True, help="dense model directory (save_pretrained) or hub id")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--num-experts", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--layers", default="every-other", help="every-other (0,2,4,...), all, or indices like 0,2,5")
+    p.add_argument("--router-std", type=float, default=0.02, help="std of the normal init of the new routers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=_cmd_upcycle)
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="architecture, parameter counts, experts, image tokens of a model")
+    p.add_argument("model", help="model directory or hub id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=_cmd_info)
+
+
+def _add_smoke(sub) -> None:
+    p = sub.add_parser("smoke", help="tiny end-to-end check: build teacher+student, upcycle, save, reload, generate")
+    p.add_argument("--out", default="runs/smoke")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_smoke)
+
+
+# Sub-commands are registered by small functions so that each module keeps its own arguments.
+REGISTRARS: list[Callable] = [_add_upcycle, _add_info, _add_smoke]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from modistill import __version__
+
+    parser = argparse.ArgumentParser(prog="modistill", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"modistill {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for register in REGISTRARS:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
