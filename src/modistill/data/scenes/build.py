@@ -1,0 +1,250 @@
+"""Write a scenes world to disk: images, LLaVA training data, eval sets, preference pairs, tokenizer.
+
+Layout of `out_dir`:
+  images/{train,test}_NNNNNN.png
+  train.json              LLaVA conversations
+  train_scenes.jsonl      {"image", "scene"} for every training image (statistics, noise audits)
+  prefs.json              RLAIF-V pairs {"id","image","question","chosen","rejected"} on training images
+  eval/vqa.jsonl          {"question_id","image","text","answer","type"}
+  eval/pope.jsonl         {"question_id","image","text","label","split","object"}
+  eval/captions.jsonl     {"question_id","image","text","scene"}
+  eval/scenes.jsonl       {"image","scene"} for every test image (the oracle's sidecar)
+  tokenizer/              save_pretrained of the trained tokenizer
+  world.json              config, vocabulary, world structure, statistics, counts
+The directory is built next to `out_dir` under a temporary name and renamed at the end, so a
+crash never leaves a half-written world behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from modistill.config import apply_overrides, from_dict, load_yaml, to_dict
+from modistill.data.scenes.render import image_rng, render_scene
+from modistill.data.scenes.text import (
+    CAPTION_PROMPTS,
+    caption,
+    corrupt_caption,
+    pope_questions,
+    training_sample,
+    vqa_questions,
+)
+from modistill.data.scenes.tokenizer import chat_text, train_tokenizer
+from modistill.data.scenes.world import CAPTION_TASKS, COL_WORDS, ROW_WORDS, KindStats, Scene, World, WorldConfig
+from modistill.errors import UserError
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def _render_all(scenes: list[Scene], split: str, cfg: WorldConfig, seed: int, root: Path, bar: tqdm) -> list[str]:
+    paths = []
+    for i, scene in enumerate(scenes):
+        rel = f"images/{split}_{i:06d}.png"
+        render_scene(scene, cfg, image_rng(seed, split, i)).save(root / rel, compress_level=1)
+        paths.append(rel)
+        bar.update(1)
+    return paths
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: directory exists and is not empty; pass --overwrite or choose another --out")
+
+
+def build_world(
+    out_dir: str | Path,
+    cfg: WorldConfig,
+    n_train: int,
+    n_test: int,
+    seed: int,
+    *,
+    n_prefs: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate a world (see module docstring). `cfg.seed` fixes the world's structure (popularity,
+    affinity, which scene graphs are test-only); `seed` fixes the sampled scenes, images and texts.
+    `n_prefs` preference pairs (default n_train // 10) are built on the first training images."""
+    if n_train < 1 or n_test < 1:
+        raise UserError(f"n_train and n_test must be >= 1 (got {n_train}, {n_test})")
+    n_prefs = max(1, n_train // 10) if n_prefs is None else n_prefs
+    if not 0 <= n_prefs <= n_train:
+        raise UserError(f"n_prefs must be in [0, n_train={n_train}] (got {n_prefs})")
+    out = Path(out_dir)
+    _check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        summary = _build_into(tmp, cfg, n_train, n_test, seed, n_prefs, progress)
+        _check_out_dir(out, overwrite)  # again: something may have appeared meanwhile
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary["out_dir"] = str(out)
+    return summary
+
+
+def _build_into(root: Path, cfg: WorldConfig, n_train: int, n_test: int, seed: int, n_prefs: int, progress: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    (root / "images").mkdir(parents=True)
+    (root / "eval").mkdir()
+    world = World(cfg)
+    test_scenes = world.sample_split(n_test, "test", random.Random(f"{seed}-test-scenes"))
+    train_scenes = world.sample_split(n_train, "train", random.Random(f"{seed}-train-scenes"))
+    t_sample = time.perf_counter()
+
+    with tqdm(total=n_train + n_test, desc="rendering scenes", unit="img", disable=not progress) as bar:
+        train_images = _render_all(train_scenes, "train", cfg, seed, root, bar)
+        test_images = _render_all(test_scenes, "test", cfg, seed, root, bar)
+    t_render = time.perf_counter()
+
+    # Training conversations (with caption noise) and their scene sidecar.
+    rng = random.Random(f"{seed}-train-text")
+    noise = {"captions": 0, "noisy": 0}
+    train = [
+        training_sample(scene, image, f"scenes-{i:06d}", world, rng, noise)
+        for i, (scene, image) in enumerate(zip(train_scenes, train_images))
+    ]
+    (root / "train.json").write_text(json.dumps(train))
+    _write_jsonl(root / "train_scenes.jsonl", [{"image": im, "scene": s.to_json()} for s, im in zip(train_scenes, train_images)])
+
+    # Eval sets on test images. POPE's popular / adversarial negatives use training statistics.
+    stats = KindStats.from_scenes(train_scenes)
+    rng = random.Random(f"{seed}-eval-text")
+    vqa, pope, captions = [], [], []
+    for i, (scene, image) in enumerate(zip(test_scenes, test_images)):
+        for row in vqa_questions(scene, world, rng, i):
+            vqa.append({"question_id": f"vqa-{len(vqa):06d}", "image": image, **row})
+        for row in pope_questions(scene, world, stats, rng):
+            pope.append({"question_id": f"pope-{len(pope):06d}", "image": image, **row})
+        captions.append(
+            {"question_id": f"cap-{i:06d}", "image": image, "text": CAPTION_PROMPTS[cfg.eval_caption_style], "scene": scene.to_json()}
+        )
+    _write_jsonl(root / "eval" / "vqa.jsonl", vqa)
+    _write_jsonl(root / "eval" / "pope.jsonl", pope)
+    _write_jsonl(root / "eval" / "captions.jsonl", captions)
+    _write_jsonl(root / "eval" / "scenes.jsonl", [{"image": im, "scene": s.to_json()} for s, im in zip(test_scenes, test_images)])
+
+    # Preference pairs: ground truth (chosen) vs one hallucinated mention (rejected).
+    rng = random.Random(f"{seed}-prefs")
+    prefs = []
+    for i in range(n_prefs):
+        scene, image = train_scenes[i], train_images[i]
+        style = rng.choice(CAPTION_TASKS)
+        prefs.append(
+            {
+                "id": f"pref-{i:06d}",
+                "image": image,
+                "question": CAPTION_PROMPTS[style],
+                "chosen": caption(scene, style),
+                "rejected": corrupt_caption(scene, style, world, rng),
+            }
+        )
+    (root / "prefs.json").write_text(json.dumps(prefs))
+    t_text = time.perf_counter()
+
+    # Tokenizer: trained on everything a model will read or write in this world.
+    corpus = [chat_text(s["conversations"]) for s in train]
+    corpus += [r["text"] for r in vqa + pope + captions] + [r["answer"] for r in vqa]
+    corpus += [chat_text([{"from": "human", "value": p["question"]}, {"from": "gpt", "value": p["rejected"]}]) for p in prefs]
+    tok = train_tokenizer(corpus, root / "tokenizer")
+    t_tok = time.perf_counter()
+
+    words = sorted({w for text in corpus for w in re.findall(r"[A-Za-z]+", re.sub(r"<[^>]*>", " ", text))} - {"user", "assistant"})
+    counts = {
+        "train_samples": len(train),
+        "train_turns": sum(len(s["conversations"]) // 2 for s in train),
+        "train_captions": noise["captions"],
+        "train_noisy_captions": noise["noisy"],
+        "test_images": len(test_scenes),
+        "vqa": len(vqa),
+        "pope": len(pope),
+        "captions": len(captions),
+        "prefs": len(prefs),
+        "tokenizer_vocab": len(tok),
+    }
+    world_info = {
+        "format": "modistill-scenes-1",
+        "config": to_dict(cfg),
+        "seed": seed,
+        "vocabulary": {
+            "colours": cfg.colours,
+            "shapes": cfg.shapes,
+            "sizes": cfg.sizes,
+            "rows": list(ROW_WORDS[cfg.grid]),
+            "columns": list(COL_WORDS[cfg.grid]),
+            "caption_prompts": CAPTION_PROMPTS,
+            "words": words,
+        },
+        "structure": {
+            "popularity": {" ".join(k): round(v, 4) for k, v in sorted(world.popularity.items(), key=lambda kv: -kv[1])},
+            "affinity_pairs": sorted({tuple(sorted((" ".join(a), " ".join(b)))) for a, b in world.partner.items()}),
+        },
+        "train_statistics": stats.to_json(),
+        "counts": counts,
+        "seconds": {
+            "sample_scenes": round(t_sample - t0, 2),
+            "render": round(t_render - t_sample, 2),
+            "text": round(t_text - t_render, 2),
+            "tokenizer": round(t_tok - t_text, 2),
+        },
+    }
+    (root / "world.json").write_text(json.dumps(world_info, indent=1))
+    return {**counts, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def add_scenes_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `modistill data scenes`."""
+    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world's structure and of its samples")
+    parser.add_argument("--n-train", type=int, default=10000, help="training images (one sample each)")
+    parser.add_argument("--n-test", type=int, default=500, help="held-out test images for the eval sets")
+    parser.add_argument("--n-prefs", type=int, default=None, help="preference pairs (default n-train / 10)")
+    parser.add_argument("--caption-noise", type=float, default=None, help="share of training captions with one absent object (default 0.2)")
+    parser.add_argument("--config", default=None, help="YAML file of WorldConfig fields")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a WorldConfig field (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_scenes_command(args: argparse.Namespace) -> int:
+    data = load_yaml(args.config) if args.config else {}
+    apply_overrides(data, list(args.set))
+    if args.caption_noise is not None:
+        data["caption_noise"] = args.caption_noise
+    data.setdefault("seed", args.seed)
+    cfg = from_dict(WorldConfig, data, source=args.config or "command line")
+    summary = build_world(
+        args.out, cfg, args.n_train, args.n_test, args.seed, n_prefs=args.n_prefs, overwrite=args.overwrite, progress=not args.no_progress
+    )
+    print(
+        f"wrote {summary['out_dir']}: {summary['train_samples']} training samples "
+        f"({summary['train_noisy_captions']}/{summary['train_captions']} noisy captions), "
+        f"{summary['test_images']} test images ({summary['vqa']} VQA, {summary['pope']} POPE, {summary['captions']} caption prompts), "
+        f"{summary['prefs']} preference pairs, tokenizer of {summary['tokenizer_vocab']} tokens, in {summary['seconds']} s"
+    )
+    return 0
