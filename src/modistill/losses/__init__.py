@@ -1,1 +1,37 @@
+"""Distillation and preference losses: pure tensor functions, computed in fp32."""
 
+from modistill.losses.divergence import (
+    DIVERGENCE_KINDS,
+    coarse_logprobs,
+    divergence_loss,
+    per_token_divergence,
+    shift_for_next_token,
+    teacher_topk_to_coarse,
+)
+from modistill.losses.fused import (
+    TeacherHidden,
+    TeacherLogits,
+    TeacherTopK,
+    chunked_token_logps,
+    fused_distill_loss,
+    topk_from_logits,
+)
+from modistill.losses.preference import PREFERENCE_KINDS, preference_loss, sequence_logps
+
+__all__ = [
+    "DIVERGENCE_KINDS",
+    "PREFERENCE_KINDS",
+    "TeacherHidden",
+    "TeacherLogits",
+    "TeacherTopK",
+    "chunked_token_logps",
+    "coarse_logprobs",
+    "divergence_loss",
+    "fused_distill_loss",
+    "per_token_divergence",
+    "preference_loss",
+    "sequence_logps",
+    "shift_for_next_token",
+    "teacher_topk_to_coarse",
+    "topk_from_logits",
+]

@@ -1,0 +1,387 @@
+"""Chunked, checkpointed LM-head + distillation loss that never holds full-vocabulary logits.
+
+With a 152k vocabulary the logits of a batch (tokens x V x 4 bytes) dominate memory: naive KD keeps
+the student's logits, both log-softmaxes and several same-sized temporaries alive until backward.
+Here the response rows are processed ``chunk_size`` at a time; each chunk's LM-head matmul,
+log-softmax and loss run inside ``torch.utils.checkpoint`` (non-reentrant), so autograd keeps only
+the chunk's inputs and recomputes the logits during backward. Peak extra memory is a few
+``chunk_size x V`` buffers; the price is one more LM-head matmul per chunk (and one more teacher
+matmul for TeacherHidden, which is recomputed rather than stored for the same reason).
+
+The teacher is treated as a constant: its tensors are detached and its logits computed under
+``no_grad``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from modistill.losses.divergence import (
+    IGNORE_INDEX,
+    _normaliser,
+    check_coefficients,
+    check_kind,
+    coarse_logprobs,
+    per_token_divergence,
+    teacher_topk_to_coarse,
+)
+
+
+@dataclass
+class TeacherLogits:
+    """The teacher's full logits at the selected rows: logits [N, Vt], Vt >= student V."""
+
+    logits: Tensor
+
+
+@dataclass
+class TeacherHidden:
+    """The teacher's final hidden states and LM head; logits are computed chunk by chunk.
+
+    hidden [N, Ht], head_weight [Vt, Ht], head_bias [Vt] or None; Vt >= student V.
+    """
+
+    hidden: Tensor
+    head_weight: Tensor
+    head_bias: Tensor | None = None
+
+
+@dataclass
+class TeacherTopK:
+    """A cached sparse teacher: ids [N, k] long (distinct per row, < student V) and their
+    log-probs [N, k], normalised over the student-sized vocabulary at the distillation temperature
+    (see topk_from_logits)."""
+
+    ids: Tensor
+    logprobs: Tensor
+
+
+Teacher = TeacherLogits | TeacherHidden | TeacherTopK
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, who: str) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            f"{who} hidden must be [N, H] and head weight [V, H], got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{who} hidden size {hidden.shape[1]} != head weight input size {weight.shape[1]}"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{who} head bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def _check_teacher(teacher: Teacher, rows: int, vocab: int) -> None:
+    def too_small(teacher_vocab: int) -> ValueError:
+        return ValueError(
+            f"teacher vocabulary {teacher_vocab} is smaller than the student's {vocab}; the "
+            f"teacher must cover every student token id"
+        )
+
+    if isinstance(teacher, TeacherLogits):
+        if teacher.logits.dim() != 2 or teacher.logits.shape[0] != rows:
+            raise ValueError(f"teacher logits must be [{rows}, Vt], got {tuple(teacher.logits.shape)}")
+        if teacher.logits.shape[1] < vocab:
+            raise too_small(teacher.logits.shape[1])
+    elif isinstance(teacher, TeacherHidden):
+        _check_head(teacher.hidden, teacher.head_weight, teacher.head_bias, "teacher")
+        if teacher.hidden.shape[0] != rows:
+            raise ValueError(
+                f"teacher hidden has {teacher.hidden.shape[0]} rows, the student {rows}"
+            )
+        if teacher.head_weight.shape[0] < vocab:
+            raise too_small(teacher.head_weight.shape[0])
+    elif isinstance(teacher, TeacherTopK):
+        ids, lps = teacher.ids, teacher.logprobs
+        if ids.dim() != 2 or ids.shape[0] != rows or ids.shape != lps.shape:
+            raise ValueError(
+                f"teacher top-k ids and logprobs must both be [{rows}, k], got {tuple(ids.shape)} "
+                f"and {tuple(lps.shape)}"
+            )
+        if ids.dtype != torch.long:
+            raise ValueError(f"teacher top-k ids must be int64, got {ids.dtype}")
+        k = ids.shape[1]
+        if k == 0 or k > vocab:
+            raise ValueError(f"teacher top-k must have 1 <= k <= {vocab} ids per row, got {k}")
+        if ids.numel():
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab:
+                raise ValueError(
+                    f"teacher top-k ids must lie in [0, {vocab}) (the student vocabulary), found "
+                    f"{low if low < 0 else high}"
+                )
+            ordered = ids.sort(dim=-1).values
+            if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+                raise ValueError("teacher top-k ids must be distinct within each row")
+    else:
+        raise ValueError(
+            f"teacher must be TeacherLogits, TeacherHidden or TeacherTopK, got {type(teacher).__name__}"
+        )
+
+
+def _linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    # The matmul runs in the model's dtype (as its own lm_head would); everything after is fp32.
+    return F.linear(hidden, weight, bias).float()
+
+
+def _chunk_loss_sums(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor | None,
+    counted: Tensor,
+    teacher_a: Tensor | None,
+    teacher_b: Tensor | None,
+    teacher_c: Tensor | None,
+    *,
+    teacher_form: str | None,
+    kind: str,
+    temperature: float,
+    beta: float,
+    alpha: float,
+) -> Tensor:
+    """[2] = (sum of KD over counted rows, sum of CE over labelled rows) for one chunk.
+
+    teacher_a/b/c hold the chunk's teacher tensors: (logits,) for "logits", (hidden, weight, bias)
+    for "hidden", (ids, logprobs) for "topk". Plain tensors are passed (not the dataclasses) so
+    checkpoint sees them as inputs.
+    """
+    logits = _linear(hidden, weight, bias)
+    vocab = logits.shape[-1]
+    zero = logits.new_zeros(())
+
+    kd_sum = zero
+    student_logp_t1: Tensor | None = None  # the full log-softmax at T=1, reused by CE if it exists
+    if teacher_form is not None:
+        scaled = logits / temperature if temperature != 1.0 else logits
+        if teacher_form == "topk":
+            ids, topk_lp = teacher_a, teacher_b
+            student_logp = coarse_logprobs(scaled, ids)
+            teacher_logp = teacher_topk_to_coarse(topk_lp, full_vocab=ids.shape[-1] == vocab)
+        else:
+            with torch.no_grad():
+                if teacher_form == "logits":
+                    teacher_logits = teacher_a[:, :vocab].float()
+                else:
+                    teacher_bias = teacher_c[:vocab] if teacher_c is not None else None
+                    teacher_logits = _linear(teacher_a, teacher_b[:vocab], teacher_bias)
+                teacher_logp = F.log_softmax(teacher_logits / temperature, dim=-1)
+            student_logp = F.log_softmax(scaled, dim=-1)
+            if temperature == 1.0:
+                student_logp_t1 = student_logp
+        divergence = per_token_divergence(student_logp, teacher_logp, kind, beta=beta, alpha=alpha)
+        kd_sum = divergence.masked_fill(~counted, 0.0).sum()
+
+    ce_sum = zero
+    if labels is not None:
+        if student_logp_t1 is not None:
+            ce_sum = F.nll_loss(student_logp_t1, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        else:
+            ce_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return torch.stack([kd_sum, ce_sum])
+
+
+def fused_distill_loss(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    *,
+    teacher: Teacher | None,
+    labels: Tensor | None,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    chunk_size: int = 256,
+    num_items: int | float | Tensor | None = None,
+    student_head_bias: Tensor | None = None,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> dict[str, Tensor]:
+    """KD (+ CE) loss from the student's final hidden states, without full-vocabulary logits.
+
+    Rows are the already selected, already shifted response positions: row i's hidden state
+    predicts ``labels[i]``. A row counts for both KD and CE unless ``labels[i] == -100``; with
+    ``labels=None`` every row counts for KD.
+
+    Args:
+        student_hidden: [N, H] (any float dtype; the loss is fp32).
+        student_head_weight: [V, H] the student's LM head.
+        teacher: TeacherLogits / TeacherHidden / TeacherTopK for the same N rows, or None (only
+            with kd_weight == 0). Teacher columns beyond V are dropped before the softmax.
+        labels: [N] int64 next-token ids or -100, or None (only with ce_weight == 0).
+        kind, beta, alpha: divergence, see per_token_divergence.
+        temperature: applied to student and teacher logits for KD (TeacherTopK log-probs must
+            already be at this temperature); CE is always at T=1. No T^2 factor.
+        ce_weight, kd_weight: loss = kd_weight * kd + ce_weight * ce.
+        chunk_size: rows per checkpointed chunk.
+        num_items: denominator for both parts (counted rows of the whole accumulated batch, so
+            gradient accumulation does not change the loss); None uses the counted rows here.
+        student_head_bias: [V] or None.
+
+    Returns:
+        {"loss": [], "kd": [], "ce": []} fp32 scalars. "kd" is 0 when teacher is None and "ce" is 0
+        when labels is None (those parts are not computed).
+    """
+    _check_head(student_hidden, student_head_weight, student_head_bias, "student")
+    _check_chunk_size(chunk_size)
+    check_kind(kind)
+    check_coefficients(kind, beta, alpha)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    rows, vocab = student_hidden.shape[0], student_head_weight.shape[0]
+    if teacher is None and kd_weight != 0:
+        raise ValueError("kd_weight != 0 needs a teacher; pass teacher=... or kd_weight=0")
+    if labels is None and ce_weight != 0:
+        raise ValueError("ce_weight != 0 needs labels; pass labels=... or ce_weight=0")
+    if teacher is not None:
+        _check_teacher(teacher, rows, vocab)
+    if labels is not None:
+        if labels.shape != (rows,):
+            raise ValueError(f"labels must be [{rows}], got {tuple(labels.shape)}")
+        if labels.dtype != torch.long:
+            raise ValueError(f"labels must be int64, got {labels.dtype}")
+        valid = labels[labels != IGNORE_INDEX]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
+            raise ValueError(f"labels must be -100 or in [0, {vocab}), got out-of-range ids")
+        counted = labels != IGNORE_INDEX
+    else:
+        counted = torch.ones(rows, dtype=torch.bool, device=student_hidden.device)
+
+    teacher_form: str | None = None
+    teacher_tensors: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None)
+    if isinstance(teacher, TeacherLogits):
+        teacher_form, teacher_tensors = "logits", (teacher.logits.detach(), None, None)
+    elif isinstance(teacher, TeacherHidden):
+        bias = teacher.head_bias.detach() if teacher.head_bias is not None else None
+        teacher_form = "hidden"
+        teacher_tensors = (teacher.hidden.detach(), teacher.head_weight.detach(), bias)
+    elif isinstance(teacher, TeacherTopK):
+        teacher_form = "topk"
+        teacher_tensors = (teacher.ids, teacher.logprobs.detach(), None)
+
+    chunk_fn = functools.partial(
+        _chunk_loss_sums,
+        teacher_form=teacher_form,
+        kind=kind,
+        temperature=temperature,
+        beta=beta,
+        alpha=alpha,
+    )
+    # Start from a zero tied to the graph so an empty batch still back-propagates (DDP needs it).
+    sums = student_hidden.sum().float() * 0.0 + student_head_weight.sum().float() * 0.0
+    sums = sums.expand(2)
+    for start in range(0, rows, chunk_size):
+        end = min(start + chunk_size, rows)
+        chunk_teacher = [None if t is None else t[start:end] for t in teacher_tensors]
+        if teacher_form == "hidden":
+            # The teacher head weight and bias are shared by all rows, not sliced.
+            chunk_teacher[1], chunk_teacher[2] = teacher_tensors[1], teacher_tensors[2]
+        sums = sums + checkpoint(
+            chunk_fn,
+            student_hidden[start:end],
+            student_head_weight,
+            student_head_bias,
+            None if labels is None else labels[start:end],
+            counted[start:end],
+            *chunk_teacher,
+            use_reentrant=False,
+        )
+
+    denominator = _normaliser(num_items, counted.sum(), torch.float32)
+    kd = sums[0] / denominator
+    ce = sums[1] / denominator
+    return {"loss": kd_weight * kd + ce_weight * ce, "kd": kd, "ce": ce}
+
+
+def _chunk_token_logps(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *, temperature: float
+) -> Tensor:
+    logits = _linear(hidden, weight, bias)
+    if temperature != 1.0:
+        logits = logits / temperature
+    ignored = targets == IGNORE_INDEX
+    safe_targets = targets.masked_fill(ignored, 0)
+    logp = logits.gather(-1, safe_targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logp.masked_fill(ignored, 0.0)
+
+
+def chunked_token_logps(
+    hidden: Tensor,
+    head_weight: Tensor,
+    targets: Tensor,
+    *,
+    chunk_size: int = 256,
+    head_bias: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """log p(target) per row from hidden states, chunked and checkpointed like fused_distill_loss.
+
+    Args:
+        hidden: [N, H]; head_weight: [V, H]; head_bias: [V] or None.
+        targets: [N] int64 next-token ids; -100 rows get log-prob 0.
+
+    Returns:
+        [N] fp32 log-probabilities, differentiable w.r.t. hidden, weight and bias.
+    """
+    _check_head(hidden, head_weight, head_bias, "policy")
+    _check_chunk_size(chunk_size)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    rows, vocab = hidden.shape[0], head_weight.shape[0]
+    if targets.shape != (rows,) or targets.dtype != torch.long:
+        raise ValueError(f"targets must be int64 [{rows}], got {targets.dtype} {tuple(targets.shape)}")
+    valid = targets[targets != IGNORE_INDEX]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
+        raise ValueError(f"targets must be -100 or in [0, {vocab})")
+    if rows == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    chunk_fn = functools.partial(_chunk_token_logps, temperature=temperature)
+    pieces = [
+        checkpoint(
+            chunk_fn,
+            hidden[start : start + chunk_size],
+            head_weight,
+            head_bias,
+            targets[start : start + chunk_size],
+            use_reentrant=False,
+        )
+        for start in range(0, rows, chunk_size)
+    ]
+    return torch.cat(pieces)
+
+
+def topk_from_logits(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The k most likely tokens per row and their log-probs at ``temperature`` (for the cache).
+
+    The log-probs are normalised over all columns given, so slice a teacher's extra (padding)
+    vocabulary rows off first. Top-k is taken on the raw logits (same order as the log-probs), so
+    no full [N, V] log-softmax is kept, only its [N, 1] normaliser.
+
+    Args:
+        logits: [N, V] (or [..., V]).
+        k: 1 <= k <= V.
+
+    Returns:
+        (ids [N, k] int64, logprobs [N, k] fp32), sorted by decreasing probability.
+    """
+    vocab = logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, {vocab}], got {k}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    values, ids = logits.topk(k, dim=-1)
+    log_total = torch.logsumexp(logits.float() / temperature, dim=-1, keepdim=True)
+    return ids, values.float() / temperature - log_total
