@@ -89,8 +89,75 @@ def _add_smoke(sub) -> None:
     p.set_defaults(func=_cmd_smoke)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from modistill.train.config import load_stage_config
+
+    cfg = load_stage_config(args.config, args.overrides)
+    if cfg.stage == "preference":
+        from modistill.recipes.preference import run_preference
+
+        run_preference(cfg, fresh=args.fresh)
+    else:
+        from modistill.recipes.distill import run_distill
+
+        run_distill(cfg, fresh=args.fresh)
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="run a training stage from a YAML config (align, sft, mimic, preference)")
+    p.add_argument("config", help="stage YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.learning_rate=1e-5")
+    p.add_argument("--fresh", action="store_true", help="discard this stage's previous run and start over")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from modistill.recipes.cache_teacher import run_cache_teacher
+    from modistill.train.config import load_cache_config
+
+    run_cache_teacher(load_cache_config(args.config, args.overrides), overwrite=args.overwrite)
+    return 0
+
+
+def _add_cache_teacher(sub) -> None:
+    p = sub.add_parser("cache-teacher", help="run the teacher once and store its top-k log-probs per response token")
+    p.add_argument("config", help="cache YAML (teacher, student, data, output_dir, top_k)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache directory")
+    p.set_defaults(func=_cmd_cache_teacher)
+
+
+def _add_data(sub) -> None:
+    from modistill.data.check import add_check_arguments, run_check_command
+    from modistill.data.scenes.build import add_scenes_arguments, run_scenes_command
+
+    p = sub.add_parser("data", help="datasets: generate the scenes world, check a dataset")
+    data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    data_sub.required = True
+    scenes = data_sub.add_parser("scenes", help="generate the built-in scenes world (images, data, eval sets, tokenizer)")
+    add_scenes_arguments(scenes)
+    scenes.set_defaults(func=run_scenes_command)
+    check = data_sub.add_parser("check", help="validate a dataset before a long run")
+    add_check_arguments(check)
+    check.set_defaults(func=run_check_command)
+
+
+def _add_eval(sub) -> None:
+    from modistill.eval.cli import add_chat_arguments, add_eval_arguments, run_chat_command, run_eval_command
+
+    p = sub.add_parser("eval", help="score a VLM on VQA / POPE / caption-hallucination files")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval_command)
+    c = sub.add_parser("chat", help="answer one question about one image (greedy)")
+    add_chat_arguments(c)
+    c.set_defaults(func=run_chat_command)
+
+
 # Sub-commands are registered by small functions so that each module keeps its own arguments.
-REGISTRARS: list[Callable] = [_add_upcycle, _add_info, _add_smoke]
+REGISTRARS: list[Callable] = [
+    _add_upcycle, _add_info, _add_train, _add_cache_teacher, _add_data, _add_eval, _add_smoke,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

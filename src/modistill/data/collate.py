@@ -1,0 +1,171 @@
+"""Collators: dataset rows -> padded tensors + pixel values, for the student and (if it differs) the teacher.
+
+Right padding with the tokenizer's pad id, labels -100 on padding, `attention_mask` 1 on tokens.
+`pixel_values` stacks every image of the batch in the order its image tokens appear (absent when
+the batch has no image), which is what `LlavaForConditionalGeneration` pairs with the image tokens.
+A teacher whose processor renders differently (another image size, normalisation, token count or
+tokenizer) gets its own `teacher_*` tensors; with an identical processor one rendering serves both.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from PIL import Image
+
+from modistill.data.render import IGNORE_INDEX, Renderer, RenderedSample, image_expansion
+from modistill.data.validate import SampleProblem
+from modistill.errors import UserError
+
+
+def same_rendering(proc_a: Any, proc_b: Any) -> bool:
+    """True when two processors turn every sample into the same tokens and pixels.
+
+    Same class, same tokenizer (vocabulary, merges, added tokens, chat template, pad id), same image
+    processor settings (size, crop, normalisation, resampling) and the same image-token expansion.
+    """
+    if proc_a is proc_b:
+        return True
+    if type(proc_a) is not type(proc_b):
+        return False
+    ip_a, ip_b = getattr(proc_a, "image_processor", None), getattr(proc_b, "image_processor", None)
+    tok_a = proc_a.tokenizer if ip_a is not None else proc_a
+    tok_b = proc_b.tokenizer if ip_b is not None else proc_b
+    if not _same_tokenizer(tok_a, tok_b) or (ip_a is None) != (ip_b is None):
+        return False
+    if ip_a is None:
+        return True
+    if type(ip_a) is not type(ip_b) or _settings(ip_a) != _settings(ip_b):
+        return False
+    return image_expansion(proc_a) == image_expansion(proc_b)
+
+
+def _settings(image_processor: Any) -> Any:
+    # JSON round trip: tuples and lists compare equal, numpy scalars become numbers or strings.
+    return json.loads(json.dumps(image_processor.to_dict(), sort_keys=True, default=str))
+
+
+def _same_tokenizer(a: Any, b: Any) -> bool:
+    if type(a) is not type(b) or a.chat_template != b.chat_template or a.pad_token_id != b.pad_token_id:
+        return False
+    back_a, back_b = getattr(a, "backend_tokenizer", None), getattr(b, "backend_tokenizer", None)
+    if back_a is not None and back_b is not None:
+        return back_a.to_str() == back_b.to_str()  # the whole tokenizer: model, added tokens, normaliser...
+    return a.get_vocab() == b.get_vocab()
+
+
+def pad_batch(seqs: list[RenderedSample], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / labels, right-padded to `length` (default: the longest)."""
+    length = length or max(len(s.input_ids) for s in seqs)
+    input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        n = len(s.input_ids)
+        input_ids[row, :n] = torch.tensor(s.input_ids, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(s.labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class _ImageLoader:
+    """Decodes each path once per batch (a pair's images serve chosen, rejected, student and teacher)."""
+
+    def __init__(self) -> None:
+        self.cache: dict[str, Image.Image] = {}
+
+    def __call__(self, path: str, row: dict[str, Any]) -> Image.Image:
+        if path not in self.cache:
+            try:
+                with Image.open(path) as im:
+                    self.cache[path] = im.convert("RGB")
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                raise UserError(f"{_where(row)}: cannot load image {path} ({exc})") from None
+        return self.cache[path]
+
+
+def pixel_values(renderer: Renderer, images: list[Image.Image]) -> torch.Tensor:
+    pixels = renderer.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    if tuple(pixels.shape[1:]) != renderer.pixel_shape:
+        raise UserError(
+            f"the image processor gave pixels of shape {tuple(pixels.shape[1:])}, expected {renderer.pixel_shape}: "
+            "modistill supports image processors that resize every image to one size"
+        )
+    return pixels
+
+
+def _where(row: dict[str, Any]) -> str:
+    return f"{row.get('source', '?')}: sample {row.get('id', '?')}"
+
+
+def _render(fn: Any, row: dict[str, Any]) -> Any:
+    try:
+        return fn(row)
+    except SampleProblem as exc:  # the data validated; a renderer with other settings than the loader's
+        raise UserError(f"{_where(row)}: {exc} (collate with the renderer the data was loaded with)") from None
+
+
+def _images_of(renderer: Renderer, rows: list[dict[str, Any]], load: _ImageLoader) -> dict[str, torch.Tensor]:
+    images = [load(path, row) for row in rows for path in row.get("images") or []]
+    return {"pixel_values": pixel_values(renderer, images)} if images else {}
+
+
+class ConversationCollator:
+    """Rows `{"id", "source", "images", "messages"}` -> a training batch.
+
+    Keys: input_ids, attention_mask, labels [B, T] (long); pixel_values [n_images, C, H, W] if any
+    image; sample_ids (list of str). With a teacher that renders differently: teacher_input_ids,
+    teacher_attention_mask, teacher_labels [B, T'] and teacher_pixel_values.
+    """
+
+    def __init__(self, student_renderer: Renderer, teacher_renderer: Renderer | None = None) -> None:
+        self.student = student_renderer
+        self.teacher = teacher_renderer
+        if teacher_renderer is not None and same_rendering(student_renderer.processor, teacher_renderer.processor):
+            self.teacher = None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        load = _ImageLoader()
+        batch: dict[str, Any] = {}
+        for prefix, renderer in (("", self.student), ("teacher_", self.teacher)):
+            if renderer is None:
+                continue
+            seqs = [_render(renderer.render_conversation, row) for row in rows]
+            parts = {**pad_batch(seqs, renderer.tokenizer.pad_token_id), **_images_of(renderer, rows, load)}
+            batch.update({prefix + k: v for k, v in parts.items()})
+        batch["sample_ids"] = [str(row["id"]) for row in rows]
+        return batch
+
+
+class PreferenceCollator:
+    """Rows `{"id", "source", "images", "prompt", "chosen", "rejected"}` -> a preference batch.
+
+    Keys: chosen_input_ids, chosen_attention_mask, chosen_labels, rejected_input_ids,
+    rejected_attention_mask, rejected_labels [B, T] — chosen and rejected padded to one length T so
+    they can be concatenated into one forward of 2B rows; pixel_values [n_images, C, H, W] holds
+    each pair's images once (repeat it for such a forward); sample_ids. With a teacher that renders
+    differently: the same keys prefixed `teacher_` (teacher_chosen_input_ids, ..., teacher_pixel_values).
+    """
+
+    def __init__(self, student_renderer: Renderer, teacher_renderer: Renderer | None = None) -> None:
+        self.student = student_renderer
+        self.teacher = teacher_renderer
+        if teacher_renderer is not None and same_rendering(student_renderer.processor, teacher_renderer.processor):
+            self.teacher = None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        load = _ImageLoader()
+        batch: dict[str, Any] = {}
+        for prefix, renderer in (("", self.student), ("teacher_", self.teacher)):
+            if renderer is None:
+                continue
+            pairs = [_render(renderer.render_preference, row) for row in rows]
+            length = max(len(s.input_ids) for pair in pairs for s in pair)
+            pad_id = renderer.tokenizer.pad_token_id
+            for side, seqs in (("chosen_", [p[0] for p in pairs]), ("rejected_", [p[1] for p in pairs])):
+                batch.update({prefix + side + k: v for k, v in pad_batch(seqs, pad_id, length).items()})
+            batch.update({prefix + k: v for k, v in _images_of(renderer, rows, load).items()})
+        batch["sample_ids"] = [str(row["id"]) for row in rows]
+        return batch
