@@ -92,10 +92,14 @@ def text_config_from_spec(spec: TextSpec, vocab_size: int) -> PretrainedConfig:
     raise UserError(f"text.type {spec.type!r} is not supported")
 
 
+def _is_llava(path: str) -> bool:
+    return AutoConfig.from_pretrained(path).model_type == "llava"
+
+
 def vision_config_from_spec(spec: VisionSpec) -> PretrainedConfig:
     if spec.pretrained is not None:
         config = AutoConfig.from_pretrained(spec.pretrained)
-        # A full CLIP/SigLIP checkpoint holds a text tower too: keep the vision half.
+        # A full CLIP/SigLIP checkpoint (or a Llava VLM) holds more than the tower: keep its vision config.
         return getattr(config, "vision_config", config)
     config_cls, _ = VISION_CLASSES[spec.type]
     return config_cls(
@@ -170,7 +174,12 @@ def _assemble_pretrained(
         model.model.language_model = text_lm.model
         model.lm_head = text_lm.lm_head
     _, vision_cls = VISION_CLASSES[tower]
-    if spec.vision.pretrained is not None:
+    if spec.vision.pretrained is not None and _is_llava(spec.vision.pretrained):
+        # Share another VLM's tower (LLaVA-MoD's student uses the teacher's vision encoder).
+        donor = LlavaForConditionalGeneration.from_pretrained(spec.vision.pretrained, dtype=dtype)
+        model.model.vision_tower = donor.model.vision_tower
+        del donor
+    elif spec.vision.pretrained is not None:
         model.model.vision_tower = vision_cls.from_pretrained(spec.vision.pretrained, dtype=dtype)
     else:
         model.model.vision_tower = vision_cls(config.vision_config).to(dtype)

@@ -79,6 +79,7 @@ def build_image_processor(tower: str, image_size: int, pretrained: str | None = 
     """The PIL image processor for a tower (transformers 5's default processors need torchvision)."""
     if pretrained is not None:
         try:
+            # A Llava dir's processor_config.json holds its image processor; a vision dir has its own file.
             return AutoImageProcessor.from_pretrained(pretrained, backend="pil")
         except (OSError, ValueError, TypeError):
             pass  # a vision dir without preprocessor_config.json: build the default below

@@ -1,0 +1,1 @@
+"""One readable entry per stage: config -> models -> data -> loop -> checkpoint."""
