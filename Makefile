@@ -21,5 +21,8 @@ smoke: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/run_all.py
+
 clean:
 	rm -rf $(VENV) runs

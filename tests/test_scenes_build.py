@@ -80,7 +80,7 @@ def _digest(out):
 def test_build_is_deterministic_by_seed(tmp_path):
     a = build_world(tmp_path / "a", WorldConfig(), 60, 10, seed=1, progress=False)
     b = build_world(tmp_path / "b", WorldConfig(), 60, 10, seed=1, progress=False)
-    c = build_world(tmp_path / "c", WorldConfig(), 60, 10, seed=2, progress=False)
+    build_world(tmp_path / "c", WorldConfig(), 60, 10, seed=2, progress=False)
     assert a["out_dir"] != b["out_dir"]
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
 

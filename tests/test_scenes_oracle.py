@@ -13,7 +13,7 @@ from modistill.data.scenes.oracle import (
     score_caption,
 )
 from modistill.data.scenes.text import CAPTION_PROMPTS, caption, corrupt_caption
-from modistill.data.scenes.world import CAPTION_TASKS, Scene, SceneObject, World, WorldConfig, make_scene
+from modistill.data.scenes.world import CAPTION_TASKS, SceneObject, World, WorldConfig, make_scene
 
 # A small red circle at the top left, a large blue square in the centre (3x3 grid).
 SCENE = make_scene(

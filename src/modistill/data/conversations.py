@@ -185,6 +185,28 @@ def conversation_handler(
     return lambda rec: locate_template_errors(rec, handle)
 
 
+def load_validated(
+    kind: str, handler_for: Callable, features: Features, files, image_root, processor, max_length: int | None,
+    on_bad_sample: str, report_dir, teacher_processor, cache_dir, verbose: bool,
+) -> tuple[Dataset, DataStats, Renderer, Renderer | None, BadSamplePolicy, Path | None]:
+    """The loading sequence both data kinds share: render, validate every sample, cache, report."""
+    if processor is None:
+        raise UserError(f"loading {kind} needs the student's processor")
+    paths = data_files(files)
+    root_of = image_root_for(image_root)
+    policy = BadSamplePolicy(on_bad_sample)
+    renderer = Renderer(processor, max_length)
+    teacher = teacher_renderer_for(renderer, teacher_processor)
+    stats = DataStats(tokens_per_image=renderer.tokens_per_image)
+    ds = build_dataset(
+        kind, paths, handler_for(root_of, renderer, teacher, stats), features,
+        policy, stats, fingerprint_parts(image_root, renderer, teacher), cache_dir,
+    )
+    report = policy.finish(stats, report_dir, verbose)  # raises when nothing is left
+    assert ds is not None
+    return ds, stats, renderer, teacher, policy, report
+
+
 def load_conversations(
     files: str | Path | list[str | Path],
     image_root: str | Path | None = None,
@@ -204,18 +226,8 @@ def load_conversations(
     `file:line: sample <id>: <reason>: <detail> (<fix>)`); "skip" drops bad samples, prints a
     summary and writes `report_dir/skipped.jsonl`. Zero samples left is always an error.
     """
-    if processor is None:
-        raise UserError("load_conversations needs the student's processor")
-    paths = data_files(files)
-    root_of = image_root_for(image_root)
-    policy = BadSamplePolicy(on_bad_sample)
-    renderer = Renderer(processor, max_length)
-    teacher = teacher_renderer_for(renderer, teacher_processor)
-    stats = DataStats(tokens_per_image=renderer.tokens_per_image)
-    ds = build_dataset(
-        "conversations", paths, conversation_handler(root_of, renderer, teacher, stats), CONVERSATION_FEATURES,
-        policy, stats, fingerprint_parts(image_root, renderer, teacher), cache_dir,
+    ds, stats, renderer, teacher, policy, report = load_validated(
+        "conversations", conversation_handler, CONVERSATION_FEATURES, files, image_root, processor, max_length,
+        on_bad_sample, report_dir, teacher_processor, cache_dir, verbose,
     )
-    report = policy.finish(stats, report_dir, verbose)  # raises when nothing is left
-    assert ds is not None
     return ConversationData(ds, stats, renderer, teacher, policy.problems, report)

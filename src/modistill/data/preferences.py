@@ -25,28 +25,22 @@ from modistill.data.conversations import (
     MESSAGES,
     check_ends_with_answer,
     check_image_tags,
-    data_files,
-    fingerprint_parts,
-    image_root_for,
+    load_validated,
     locate_template_errors,
     same_response,
-    teacher_renderer_for,
     to_messages,
 )
 from modistill.data.render import Renderer
 from modistill.data.validate import (
     MALFORMED_SAMPLE,
     MISSING_KEY,
-    BadSamplePolicy,
     DataStats,
     Problem,
     Record,
     SampleProblem,
-    build_dataset,
     check_images,
     resolve_images,
 )
-from modistill.errors import UserError
 from modistill.models.chat import IMAGE_TOKEN
 
 PREFERENCE_FEATURES = Features(
@@ -165,18 +159,8 @@ def load_preferences(
     verbose: bool = True,
 ) -> PreferenceData:
     """Read, validate and cache preference pairs; same contract as `load_conversations`."""
-    if processor is None:
-        raise UserError("load_preferences needs the student's processor")
-    paths = data_files(files)
-    root_of = image_root_for(image_root)
-    policy = BadSamplePolicy(on_bad_sample)
-    renderer = Renderer(processor, max_length)
-    teacher = teacher_renderer_for(renderer, teacher_processor)
-    stats = DataStats(tokens_per_image=renderer.tokens_per_image)
-    ds = build_dataset(
-        "preferences", paths, preference_handler(root_of, renderer, teacher, stats), PREFERENCE_FEATURES,
-        policy, stats, fingerprint_parts(image_root, renderer, teacher), cache_dir,
+    ds, stats, renderer, teacher, policy, report = load_validated(
+        "preferences", preference_handler, PREFERENCE_FEATURES, files, image_root, processor, max_length,
+        on_bad_sample, report_dir, teacher_processor, cache_dir, verbose,
     )
-    report = policy.finish(stats, report_dir, verbose)  # raises when nothing is left
-    assert ds is not None
     return PreferenceData(ds, stats, renderer, teacher, policy.problems, report)

@@ -1,12 +1,11 @@
-"""Chunked, checkpointed LM-head + distillation loss that never holds full-vocabulary logits.
+"""Chunked LM-head + distillation loss that never holds full-vocabulary logits.
 
 With a 152k vocabulary the logits of a batch (tokens x V x 4 bytes) dominate memory: naive KD keeps
 the student's logits, both log-softmaxes and several same-sized temporaries alive until backward.
-Here the response rows are processed ``chunk_size`` at a time; each chunk's LM-head matmul,
-log-softmax and loss run inside ``torch.utils.checkpoint`` (non-reentrant), so autograd keeps only
-the chunk's inputs and recomputes the logits during backward. Peak extra memory is a few
-``chunk_size x V`` buffers; the price is one more LM-head matmul per chunk (and one more teacher
-matmul for TeacherHidden, which is recomputed rather than stored for the same reason).
+Here the response rows are processed ``chunk_size`` at a time and each chunk's gradient is computed
+during the forward pass and pushed through the LM head at once (modistill.losses.chunked, as
+Liger-Kernel's fused linear losses do). Peak extra memory is a few ``chunk_size x V`` buffers plus
+one head-sized gradient; each LM-head matmul runs once, as in the plain path.
 
 The teacher is treated as a constant: its tensors are detached and its logits computed under
 ``no_grad``.
@@ -18,19 +17,18 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from modistill.losses.divergence import (
-    IGNORE_INDEX,
-    _normaliser,
-    check_coefficients,
-    check_kind,
-    coarse_logprobs,
-    per_token_divergence,
-    teacher_topk_to_coarse,
+from modistill.losses.chunked import (
+    Chunks,
+    FrozenHeadTokenLogps,
+    FusedHeadLoss,
+    chunk_token_logps,
+    chunked_pass,
+    sums_from_logits,
 )
+from modistill.losses.divergence import IGNORE_INDEX, _normaliser, check_coefficients, check_kind
 
 
 @dataclass
@@ -132,68 +130,6 @@ def _check_teacher(teacher: Teacher, rows: int, vocab: int) -> None:
         )
 
 
-def _linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    # The matmul runs in the model's dtype (as its own lm_head would); everything after is fp32.
-    return F.linear(hidden, weight, bias).float()
-
-
-def _chunk_loss_sums(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor | None,
-    counted: Tensor,
-    teacher_a: Tensor | None,
-    teacher_b: Tensor | None,
-    teacher_c: Tensor | None,
-    *,
-    teacher_form: str | None,
-    kind: str,
-    temperature: float,
-    beta: float,
-    alpha: float,
-) -> Tensor:
-    """[2] = (sum of KD over counted rows, sum of CE over labelled rows) for one chunk.
-
-    teacher_a/b/c hold the chunk's teacher tensors: (logits,) for "logits", (hidden, weight, bias)
-    for "hidden", (ids, logprobs) for "topk". Plain tensors are passed (not the dataclasses) so
-    checkpoint sees them as inputs.
-    """
-    logits = _linear(hidden, weight, bias)
-    vocab = logits.shape[-1]
-    zero = logits.new_zeros(())
-
-    kd_sum = zero
-    student_logp_t1: Tensor | None = None  # the full log-softmax at T=1, reused by CE if it exists
-    if teacher_form is not None:
-        scaled = logits / temperature if temperature != 1.0 else logits
-        if teacher_form == "topk":
-            ids, topk_lp = teacher_a, teacher_b
-            student_logp = coarse_logprobs(scaled, ids)
-            teacher_logp = teacher_topk_to_coarse(topk_lp, full_vocab=ids.shape[-1] == vocab)
-        else:
-            with torch.no_grad():
-                if teacher_form == "logits":
-                    teacher_logits = teacher_a[:, :vocab].float()
-                else:
-                    teacher_bias = teacher_c[:vocab] if teacher_c is not None else None
-                    teacher_logits = _linear(teacher_a, teacher_b[:vocab], teacher_bias)
-                teacher_logp = F.log_softmax(teacher_logits / temperature, dim=-1)
-            student_logp = F.log_softmax(scaled, dim=-1)
-            if temperature == 1.0:
-                student_logp_t1 = student_logp
-        divergence = per_token_divergence(student_logp, teacher_logp, kind, beta=beta, alpha=alpha)
-        kd_sum = divergence.masked_fill(~counted, 0.0).sum()
-
-    ce_sum = zero
-    if labels is not None:
-        if student_logp_t1 is not None:
-            ce_sum = F.nll_loss(student_logp_t1, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        else:
-            ce_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return torch.stack([kd_sum, ce_sum])
-
-
 def fused_distill_loss(
     student_hidden: Tensor,
     student_head_weight: Tensor,
@@ -226,7 +162,7 @@ def fused_distill_loss(
         temperature: applied to student and teacher logits for KD (TeacherTopK log-probs must
             already be at this temperature); CE is always at T=1. No T^2 factor.
         ce_weight, kd_weight: loss = kd_weight * kd + ce_weight * ce.
-        chunk_size: rows per checkpointed chunk.
+        chunk_size: rows per chunk (the peak holds a few chunk_size x V fp32 buffers).
         num_items: denominator for both parts (counted rows of the whole accumulated batch, so
             gradient accumulation does not change the loss); None uses the counted rows here.
         student_head_bias: [V] or None.
@@ -272,50 +208,30 @@ def fused_distill_loss(
         teacher_form = "topk"
         teacher_tensors = (teacher.ids, teacher.logprobs.detach(), None)
 
-    chunk_fn = functools.partial(
-        _chunk_loss_sums,
+    chunks = Chunks(
+        size=chunk_size,
+        labels=labels,
+        counted=counted,
         teacher_form=teacher_form,
+        teacher=teacher_tensors,
+        sums_fn=functools.partial(
+            sums_from_logits, teacher_form=teacher_form, kind=kind, temperature=temperature, beta=beta,
+            alpha=alpha,
+        ),
+        weights=(kd_weight, ce_weight),
         kind=kind,
         temperature=temperature,
-        beta=beta,
-        alpha=alpha,
+        vocab=vocab,
     )
-    # Start from a zero tied to the graph so an empty batch still back-propagates (DDP needs it).
-    sums = student_hidden.sum().float() * 0.0 + student_head_weight.sum().float() * 0.0
-    sums = sums.expand(2)
-    for start in range(0, rows, chunk_size):
-        end = min(start + chunk_size, rows)
-        chunk_teacher = [None if t is None else t[start:end] for t in teacher_tensors]
-        if teacher_form == "hidden":
-            # The teacher head weight and bias are shared by all rows, not sliced.
-            chunk_teacher[1], chunk_teacher[2] = teacher_tensors[1], teacher_tensors[2]
-        sums = sums + checkpoint(
-            chunk_fn,
-            student_hidden[start:end],
-            student_head_weight,
-            student_head_bias,
-            None if labels is None else labels[start:end],
-            counted[start:end],
-            *chunk_teacher,
-            use_reentrant=False,
-        )
+    head = (student_hidden, student_head_weight, student_head_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in head):
+        loss_sum, kd_sum, ce_sum = FusedHeadLoss.apply(*head, chunks)
+    else:
+        sums = chunked_pass(*head, chunks, None, (False, False, False))[0]
+        loss_sum, kd_sum, ce_sum = kd_weight * sums[0] + ce_weight * sums[1], sums[0], sums[1]
 
     denominator = _normaliser(num_items, counted.sum(), torch.float32)
-    kd = sums[0] / denominator
-    ce = sums[1] / denominator
-    return {"loss": kd_weight * kd + ce_weight * ce, "kd": kd, "ce": ce}
-
-
-def _chunk_token_logps(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *, temperature: float
-) -> Tensor:
-    logits = _linear(hidden, weight, bias)
-    if temperature != 1.0:
-        logits = logits / temperature
-    ignored = targets == IGNORE_INDEX
-    safe_targets = targets.masked_fill(ignored, 0)
-    logp = logits.gather(-1, safe_targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return logp.masked_fill(ignored, 0.0)
+    return {"loss": loss_sum / denominator, "kd": kd_sum / denominator, "ce": ce_sum / denominator}
 
 
 def chunked_token_logps(
@@ -327,7 +243,11 @@ def chunked_token_logps(
     head_bias: Tensor | None = None,
     temperature: float = 1.0,
 ) -> Tensor:
-    """log p(target) per row from hidden states, chunked and checkpointed like fused_distill_loss.
+    """log p(target) per row from hidden states, chunked: full-vocabulary logits never exist.
+
+    With a frozen head (weight and bias need no gradient) the per-row gradient is computed in
+    forward (FrozenHeadTokenLogps); with a trainable head each chunk is checkpointed (the logits
+    are recomputed in backward); without gradients the chunks are simply evaluated.
 
     Args:
         hidden: [N, H]; head_weight: [V, H]; head_bias: [V] or None.
@@ -348,7 +268,14 @@ def chunked_token_logps(
         raise ValueError(f"targets must be -100 or in [0, {vocab})")
     if rows == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
-    chunk_fn = functools.partial(_chunk_token_logps, temperature=temperature)
+    head_needs_grad = any(t is not None and t.requires_grad for t in (head_weight, head_bias))
+    if torch.is_grad_enabled() and hidden.requires_grad and not head_needs_grad:
+        return FrozenHeadTokenLogps.apply(hidden, head_weight, head_bias, targets, chunk_size, temperature)
+    chunk_fn = functools.partial(chunk_token_logps, temperature=temperature)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or head_needs_grad)):
+        with torch.no_grad():
+            return torch.cat([chunk_fn(hidden[start : start + chunk_size], head_weight, head_bias,
+                                       targets[start : start + chunk_size]) for start in range(0, rows, chunk_size)])
     pieces = [
         checkpoint(
             chunk_fn,

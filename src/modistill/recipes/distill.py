@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from transformers import set_seed
 
 from modistill.data.conversations import load_conversations
@@ -16,7 +18,7 @@ from modistill.teacher.compat import check_vocab_compatible
 from modistill.teacher.live import LiveTeacher
 from modistill.train.config import StageConfig
 from modistill.train.groups import default_trainable, set_trainable
-from modistill.train.run import MaxTimeCallback, RunDir, first_samples, load_student, training_arguments
+from modistill.train.run import MaxTimeCallback, first_samples, load_student, open_run_dir, training_arguments
 from modistill.train.trainer import DistillTrainer
 
 
@@ -24,7 +26,8 @@ def run_distill(cfg: StageConfig, fresh: bool = False) -> dict:
     # 1. Config and run directory: a finished stage is skipped, an interrupted one resumes.
     if cfg.stage not in ("align", "sft", "mimic"):
         raise UserError(f"stage {cfg.stage!r} is not a mimic/align/sft stage")
-    run = RunDir(cfg, fresh=fresh)
+    args = training_arguments(cfg)
+    run = open_run_dir(cfg, args, fresh=fresh)
     if run.done:
         print(f"{cfg.output_dir}: stage already finished (metrics.json); use --fresh to run it again")
         return run.metrics()
@@ -36,8 +39,7 @@ def run_distill(cfg: StageConfig, fresh: bool = False) -> dict:
     groups = cfg.trainable or default_trainable(cfg.stage, is_moe)
     trainable = set_trainable(student, groups)
     uses_teacher = cfg.stage == "mimic" and cfg.loss.kd_weight > 0
-    if cfg.stage in ("align", "sft") and cfg.loss.kd_weight > 0:
-        cfg.loss.kd_weight = 0.0  # align/SFT learn from the data alone
+    loss_cfg = cfg.loss if uses_teacher else replace(cfg.loss, kd_weight=0.0)  # align/SFT: the data alone
     if cfg.stage in ("align", "sft") and cfg.loss.ce_weight == 0:
         raise UserError(f"stage {cfg.stage!r} trains on CE: set loss.ce_weight > 0 (e.g. 1.0)")
     teacher, teacher_processor = None, None
@@ -63,8 +65,8 @@ def run_distill(cfg: StageConfig, fresh: bool = False) -> dict:
     # 4. Loop: the Trainer (schedules, accumulation, checkpoints, resume, distribution).
     callbacks = [MaxTimeCallback(cfg.train.max_time_s)] if cfg.train.max_time_s else []
     trainer = DistillTrainer(
-        model=student, args=training_arguments(cfg), train_dataset=dataset, data_collator=data.collator(),
-        processing_class=processor, loss_config=cfg.loss, teacher=teacher, callbacks=callbacks,
+        model=student, args=args, train_dataset=dataset, data_collator=data.collator(),
+        processing_class=processor, loss_config=loss_cfg, teacher=teacher, callbacks=callbacks,
     )
     if isinstance(teacher, LiveTeacher):
         teacher.model.to(trainer.accelerator.device)

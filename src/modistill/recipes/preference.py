@@ -21,14 +21,15 @@ from modistill.teacher.reference import ReferenceStore, compute_reference, save_
 from modistill.train.config import StageConfig
 from modistill.train.groups import default_trainable, set_trainable
 from modistill.train.preference_trainer import LiveReference, PreferenceTrainer, StoredReference
-from modistill.train.run import MaxTimeCallback, RunDir, first_samples, load_student, training_arguments
+from modistill.train.run import MaxTimeCallback, first_samples, load_student, open_run_dir, training_arguments
 
 
 def run_preference(cfg: StageConfig, fresh: bool = False) -> dict:
     # 1. Config and run directory.
     if cfg.stage != "preference":
         raise UserError(f"stage {cfg.stage!r} is not a preference stage")
-    run = RunDir(cfg, fresh=fresh)
+    args = training_arguments(cfg)
+    run = open_run_dir(cfg, args, fresh=fresh)
     if run.done:
         print(f"{cfg.output_dir}: stage already finished (metrics.json); use --fresh to run it again")
         return run.metrics()
@@ -72,7 +73,7 @@ def run_preference(cfg: StageConfig, fresh: bool = False) -> dict:
     # 5. Loop.
     callbacks = [MaxTimeCallback(cfg.train.max_time_s)] if cfg.train.max_time_s else []
     trainer = PreferenceTrainer(
-        model=student, args=training_arguments(cfg), train_dataset=dataset, data_collator=collator,
+        model=student, args=args, train_dataset=dataset, data_collator=collator,
         processing_class=processor, loss_config=cfg.loss, reference=reference, pad_id=pad_id, callbacks=callbacks,
     )
     if isinstance(reference, LiveReference):

@@ -118,6 +118,9 @@ class TrainArgs:
     report_to: list[str] = field(default_factory=lambda: ["none"])
     disable_tqdm: bool = False
     ddp_find_unused_parameters: bool | None = None
+    # Train on the CPU even if a GPU is there. Needed for CPU data parallelism (`torchrun
+    # --nproc_per_node N` on a machine without GPUs): without it each process trains alone.
+    use_cpu: bool = False
     fsdp: str | None = None
     fsdp_config: str | None = None
     deepspeed: str | None = None

@@ -14,6 +14,7 @@ run killed while saving resumes from the previous complete checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -36,16 +37,23 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class RunDir:
-    def __init__(self, cfg: StageConfig, fresh: bool = False):
+    """A stage's output directory: config check, resume point, atomic final checkpoint.
+
+    Under torchrun only the main process may delete (``fresh``, half-written checkpoints); open it
+    with :func:`open_run_dir` so the other ranks wait until the main process has set it up.
+    """
+
+    def __init__(self, cfg: StageConfig, fresh: bool = False, is_main: bool = True):
         self.cfg = cfg
+        self.is_main = is_main
         self.path = Path(cfg.output_dir)
         self.checkpoints = self.path / "checkpoints"
         self.started = time.time()
-        if fresh and self.path.exists():
+        if fresh and is_main and self.path.exists():
             self._clear()
         self.done = (self.path / "metrics.json").is_file()
         self.resume_from = None if self.done else self._last_complete_checkpoint()
-        if not self.done:
+        if not self.done and is_main:
             self._check_or_write_config()
 
     def _is_ours(self) -> bool:
@@ -86,7 +94,8 @@ class RunDir:
                     return str(child)
             except (OSError, ValueError):
                 pass
-            shutil.rmtree(child, ignore_errors=True)  # a checkpoint cut off while being written
+            if self.is_main:
+                shutil.rmtree(child, ignore_errors=True)  # a checkpoint cut off while being written
         return None
 
     def metrics(self) -> dict:
@@ -118,6 +127,12 @@ class RunDir:
         if not self.cfg.keep_checkpoints:
             shutil.rmtree(self.checkpoints, ignore_errors=True)
         return metrics
+
+
+def open_run_dir(cfg: StageConfig, args: TrainingArguments, fresh: bool = False) -> RunDir:
+    """The run directory, set up by the main process before any other rank looks at it."""
+    with args.main_process_first(desc="run directory"):
+        return RunDir(cfg, fresh=fresh, is_main=args.process_index == 0)
 
 
 def load_student(cfg: StudentConfig, dtype: torch.dtype = torch.float32):
@@ -161,7 +176,7 @@ class MaxTimeCallback(TrainerCallback):
 
 def training_arguments(cfg: StageConfig) -> TrainingArguments:
     t = cfg.train
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(Path(cfg.output_dir) / "checkpoints"),
         learning_rate=t.learning_rate,
         num_train_epochs=t.num_train_epochs,
@@ -191,4 +206,13 @@ def training_arguments(cfg: StageConfig) -> TrainingArguments:
         deepspeed=t.deepspeed,
         remove_unused_columns=False,  # our rows are raw samples; the collator renders them
         label_names=["labels"],
+        use_cpu=t.use_cpu,
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size == 1:
+        # transformers then trains one full copy per process, each writing the same output_dir.
+        raise UserError(
+            f"launched with {launched} processes but training would not be distributed (no GPU per process): "
+            f"set train.use_cpu: true for data parallelism on CPUs"
+        )
+    return args

@@ -1,0 +1,176 @@
+"""The demo's results.json, report.md and report.html, from the eval results of each model.
+
+Findings are computed from the measured numbers and say plainly when a stage did not help:
+the evaluation is never tuned to make a stage look better.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from modistill.demo import plots
+from modistill.io import write_json_atomic, write_text_atomic
+
+COLUMNS = [
+    ("model", "model", "{}"),
+    ("params_total_m", "params (M) total", "{:.2f}"),
+    ("params_activated_m", "activated", "{:.2f}"),
+    ("vqa_accuracy", "VQA acc ↑", "{:.3f}"),
+    ("pope_f1", "POPE F1 ↑", "{:.3f}"),
+    ("pope_f1_adversarial", "POPE F1 adv ↑", "{:.3f}"),
+    ("caption_hallucination_greedy", "halluc. greedy ↓", "{:.3f}"),
+    ("caption_hallucination_sampled", "halluc. T=1 ↓", "{:.3f}"),
+    ("caption_mention_hallucination_sampled", "mention halluc. T=1 ↓", "{:.3f}"),
+    ("caption_coverage", "coverage ↑", "{:.3f}"),
+    ("train_seconds", "train s", "{:.0f}"),
+]
+
+
+def summary_row(name: str, results: dict[str, Any], stage_metrics: dict | None = None) -> dict[str, Any]:
+    """The numbers one table row shows, from `evaluate()` output (+ the stage's metrics.json)."""
+    m = results["metrics"]
+    captions = m.get("captions", {})
+    greedy, sampled = captions.get("greedy", {}), captions.get("sampled", {})
+    pope = m.get("pope", {})
+    row = {
+        "model": name,
+        "vqa_accuracy": m.get("vqa", {}).get("accuracy"),
+        "vqa_per_type": {k: v["accuracy"] for k, v in m.get("vqa", {}).get("per_type", {}).items()},
+        "pope_accuracy": pope.get("overall", {}).get("accuracy"),
+        "pope_f1": pope.get("overall", {}).get("f1"),
+        "pope_f1_adversarial": pope.get("splits", {}).get("adversarial", {}).get("f1"),
+        "pope_yes_ratio": pope.get("overall", {}).get("yes_ratio"),
+        "caption_hallucination_greedy": greedy.get("response_hallucination"),
+        "caption_mention_hallucination_greedy": greedy.get("mention_hallucination"),
+        "caption_hallucination_sampled": sampled.get("response_hallucination"),
+        "caption_mention_hallucination_sampled": sampled.get("mention_hallucination"),
+        "caption_coverage": greedy.get("coverage"),
+        "caption_unparseable": greedy.get("unparseable"),
+    }
+    if stage_metrics:
+        params = stage_metrics.get("parameters", {})
+        row["params_total_m"] = params.get("total", 0) / 1e6
+        row["params_activated_m"] = params.get("activated", 0) / 1e6
+        row["train_seconds"] = stage_metrics.get("train_runtime_s")
+        row["steps"] = stage_metrics.get("steps")
+    if "efficiency" in results:
+        row["decode_tokens_per_s"] = results["efficiency"].get("decode_tokens_per_s")
+    return row
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "–"
+    try:
+        return spec.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _delta(before: dict, after: dict, key: str) -> float | None:
+    if before.get(key) is None or after.get(key) is None:
+        return None
+    return after[key] - before[key]
+
+
+def findings(rows: list[dict], teacher: str = "teacher") -> list[str]:
+    """Plain-language statements, each computed from the table: what helped, what did not."""
+    by_name = {r["model"]: r for r in rows}
+    out = []
+    t = by_name.get(teacher)
+    students = [r for r in rows if r["model"].startswith("student")]
+    if t and students:
+        final = students[-1]
+        for key, what in (("caption_hallucination_sampled", "sampled (T=1)"),
+                          ("caption_hallucination_greedy", "greedy")):
+            if final.get(key) is not None and t.get(key) is not None:
+                verdict = "below" if final[key] < t[key] else "NOT below"
+                out.append(f"Final student ({final['model']}) caption hallucination, {what}: {final[key]:.3f}, "
+                           f"{verdict} the teacher's {t[key]:.3f}.")
+        if final.get("vqa_accuracy") is not None and t.get("vqa_accuracy") is not None:
+            out.append(f"Final student VQA accuracy {final['vqa_accuracy']:.3f} vs teacher {t['vqa_accuracy']:.3f} "
+                       f"with {final.get('params_activated_m', 0):.2f}M vs {t.get('params_activated_m', 0):.2f}M "
+                       f"activated parameters.")
+    for prev, cur in zip(students, students[1:]):
+        parts = []
+        for key, label, better in (("vqa_accuracy", "VQA", 1), ("pope_f1", "POPE F1", 1),
+                                   ("caption_hallucination_sampled", "halluc. T=1", -1),
+                                   ("caption_coverage", "coverage", 1)):
+            d = _delta(prev, cur, key)
+            if d is not None:
+                parts.append(f"{label} {d:+.3f}")
+        helped = [
+            (_delta(prev, cur, "vqa_accuracy") or 0) > 0.01,
+            (_delta(prev, cur, "caption_hallucination_sampled") or 0) < -0.01,
+        ]
+        verdict = "helped" if any(helped) else "did not help measurably at this scale"
+        out.append(f"{prev['model']} → {cur['model']}: {', '.join(parts)} ({verdict}).")
+    return out
+
+
+def write_report(out_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
+    """results: {"title", "rows": [summary rows], "stages": {name: dir}, "timings": {...}, "notes": [...]}."""
+    out_dir = Path(out_dir)
+    figures = out_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    rows = results["rows"]
+    made = {
+        "losses": plots.loss_curves(results["stages"], figures / "losses.png"),
+        "expert_load": plots.expert_load(results["stages"], figures / "expert_load.png"),
+        "bars": plots.metric_bars(rows, figures / "metrics.png"),
+        "scatter": plots.hallucination_vs_accuracy(rows, figures / "hallucination_vs_accuracy.png"),
+    }
+    results = {**results, "findings": findings(rows), "stages": {k: str(v) for k, v in results["stages"].items()}}
+    write_json_atomic(out_dir / "results.json", results)
+    write_text_atomic(out_dir / "report.md", _markdown(results, made))
+    write_text_atomic(out_dir / "report.html", _html(results, made))
+    return {"results": out_dir / "results.json", "markdown": out_dir / "report.md", "html": out_dir / "report.html"}
+
+
+def table_markdown(rows: list[dict]) -> str:
+    header = "| " + " | ".join(label for _, label, _ in COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(k), spec) for k, _, spec in COLUMNS) + " |" for r in rows]
+    return "\n".join([header, sep, *body])
+
+
+def _markdown(results: dict, figures: dict[str, Path | None]) -> str:
+    lines = [f"# {results['title']}", ""]
+    lines += [f"- {note}" for note in results.get("notes", [])]
+    lines += ["", "## Results on held-out scenes", "", table_markdown(results["rows"]), ""]
+    lines += ["Hallucination = share of captions mentioning an object that is not in the image (oracle-scored, "
+              "unparseable counted as hallucinated; Object-HalBench's *response* rate); *mention* = share of "
+              "mentioned objects that are not there. ↑ higher is better, ↓ lower is better.", ""]
+    lines += ["## Findings", ""] + [f"- {f}" for f in results["findings"]] + [""]
+    lines += ["## Figures", ""]
+    for key, title in (("bars", "Accuracy and hallucination per model"),
+                       ("scatter", "Hallucination vs accuracy"), ("losses", "Training losses"),
+                       ("expert_load", "Expert load per MoE layer")):
+        if figures.get(key) is not None:
+            lines += [f"### {title}", "", f"![{title}](figures/{figures[key].name})", ""]
+    lines += ["## Timings (seconds)", ""] + [f"- {k}: {v:.1f}" for k, v in results.get("timings", {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def _html(results: dict, figures: dict[str, Path | None]) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(label)}</th>" for _, label, _ in COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(_fmt(r.get(k), spec))}</td>" for k, _, spec in COLUMNS) + "</tr>"
+        for r in results["rows"]
+    )
+    imgs = "".join(f'<figure><img src="figures/{esc(p.name)}" alt="{esc(k)}"></figure>'
+                   for k, p in figures.items() if p is not None)
+    notes = "".join(f"<li>{esc(n)}</li>" for n in results.get("notes", []))
+    finds = "".join(f"<li>{esc(f)}</li>" for f in results["findings"])
+    timings = "".join(f"<li>{esc(k)}: {v:.1f} s</li>" for k, v in results.get("timings", {}).items())
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(results['title'])}</title>"
+            f"<style>{style}</style></head><body><h1>{esc(results['title'])}</h1><ul>{notes}</ul>"
+            f"<h2>Results on held-out scenes</h2><table><tr>{head}</tr>{body}</table>"
+            f"<h2>Findings</h2><ul>{finds}</ul><h2>Figures</h2>{imgs}<h2>Timings</h2><ul>{timings}</ul>"
+            "</body></html>\n")

@@ -1,0 +1,75 @@
+"""The demo's report pieces: table rows from eval results, findings, plots, ablation statistics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from modistill.demo.ablate import summarise
+from modistill.demo.report import findings, summary_row, write_report
+
+
+def _results(vqa, f1, greedy, sampled, coverage=0.8):
+    return {"metrics": {
+        "vqa": {"accuracy": vqa, "per_type": {"exists": {"accuracy": vqa}}},
+        "pope": {"overall": {"accuracy": f1, "f1": f1, "yes_ratio": 0.5}, "splits": {"adversarial": {"f1": f1 - 0.1}}},
+        "captions": {"greedy": {"response_hallucination": greedy, "mention_hallucination": greedy / 2,
+                                "coverage": coverage, "unparseable": 0.0},
+                     "sampled": {"response_hallucination": sampled, "mention_hallucination": sampled / 2}},
+    }}
+
+
+def _stage(total, active, seconds=10.0):
+    return {"parameters": {"total": total, "activated": active}, "train_runtime_s": seconds, "steps": 5}
+
+
+def test_rows_and_findings_say_what_helped_and_what_did_not():
+    rows = [
+        summary_row("teacher", _results(0.9, 0.85, 0.10, 0.30), _stage(5e6, 5e6)),
+        summary_row("student/stage1a", _results(0.80, 0.80, 0.12, 0.32), _stage(1.5e6, 1.5e6)),
+        summary_row("student/stage1b", _results(0.80, 0.80, 0.12, 0.32), _stage(2.5e6, 1.9e6)),
+        summary_row("student/stage2", _results(0.81, 0.80, 0.05, 0.15), _stage(2.5e6, 1.9e6)),
+    ]
+    assert rows[0]["pope_f1_adversarial"] == pytest.approx(0.75)
+    assert rows[2]["params_activated_m"] == pytest.approx(1.9)
+    text = findings(rows)
+    assert any("sampled (T=1): 0.150, below the teacher's 0.300" in f for f in text)
+    assert any("student/stage1a → student/stage1b" in f and "did not help" in f for f in text)
+    assert any("student/stage1b → student/stage2" in f and "halluc. T=1 -0.170" in f and "(helped)" in f for f in text)
+    worse = findings([rows[0], summary_row("student/x", _results(0.5, 0.5, 0.4, 0.6), _stage(1, 1))])
+    assert any("NOT below the teacher's 0.300" in f for f in worse)
+
+
+def test_write_report_makes_every_file(tmp_path):
+    stage = tmp_path / "stage1b"
+    stage.mkdir()
+    logs = [{"step": s, "loss": 2.0 / s, "kd": 1.0 / s, "ce": 1.0, "balance": 2.01,
+             **{f"load/L0/E{e}": [0.4, 0.3, 0.2, 0.1][e] for e in range(4)}} for s in (1, 2, 3)]
+    (stage / "log_history.json").write_text(json.dumps(logs))
+    rows = [summary_row("teacher", _results(0.9, 0.85, 0.1, 0.3)), summary_row("student/stage1b", _results(0.8, 0.8, 0.1, 0.2))]
+    paths = write_report(tmp_path, {"title": "t", "rows": rows, "stages": {"stage1b": stage}, "timings": {"total": 1.0}})
+    for name in ("losses.png", "expert_load.png", "metrics.png", "hallucination_vs_accuracy.png"):
+        assert (tmp_path / "figures" / name).stat().st_size > 1000
+    md = paths["markdown"].read_text()
+    assert "| student/stage1b |" in md and "figures/expert_load.png" in md
+    assert "<table>" in paths["html"].read_text()
+    assert json.loads(paths["results"].read_text())["findings"]
+
+
+def test_ablation_summary_means_stds_and_verdicts():
+    def row(vqa, halluc):
+        return {"vqa_accuracy": vqa, "caption_hallucination_sampled": halluc}
+
+    per_seed = {s: {"kd": row(0.8 + d, 0.3), "sft": row(0.7 + d, (0.32, 0.28, 0.31)[s]), "kto": row(0.8, 0.1 + d),
+                    "kd-moe": row(0.8, 0.3), "dpo": row(0.8, 0.2)} for s, d in enumerate((0.0, 0.02, 0.04))}
+    rows = {(r["a"], r["b"], r["key"]): r for r in summarise(per_seed)}
+    kd = rows[("kd", "sft", "vqa_accuracy")]
+    assert kd["a_mean"] == pytest.approx(0.82) and kd["diff_mean"] == pytest.approx(0.1) and kd["diff_std"] == 0
+    assert kd["holds"] and kd["seeds"] == 3
+    pref = rows[("kto", "kd-moe", "caption_hallucination_sampled")]
+    assert pref["diff_mean"] == pytest.approx(-0.18) and pref["holds"]  # lower is better
+    assert pref["diff_std"] == pytest.approx(0.02)
+    # Δ = -0.003 ± 0.02: better on average, but not by more than its spread over seeds.
+    assert not rows[("kd", "sft", "caption_hallucination_sampled")]["holds"]
+    assert not any(r["b"] == "moe-only" for r in rows.values())  # arms missing in every seed: no row

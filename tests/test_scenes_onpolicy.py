@@ -1,0 +1,34 @@
+"""On-policy preference pairs: sampled from a model, labelled by the oracle, readable as RLAIF-V data."""
+
+from __future__ import annotations
+
+import json
+
+from modistill.data.preferences import load_preferences
+from modistill.data.scenes.onpolicy import build_onpolicy_pairs, read_train_scenes
+from modistill.data.scenes.oracle import score_caption
+from modistill.models.load import load_model
+
+
+def test_pairs_are_oracle_labelled_and_load_as_preference_data(tmp_path, scenes_world, teacher_dir):
+    loaded = load_model(teacher_dir)  # a random model: its samples are garbage, so fallbacks are exercised
+    out = tmp_path / "prefs.json"
+    stats = build_onpolicy_pairs(loaded, scenes_world, out, n_images=6, samples=2, seed=1, batch_size=4,
+                                 max_new_tokens=12, progress=False)
+    pairs = json.loads(out.read_text())
+    assert stats["images"] == 6 and stats["pairs"] == len(pairs) >= 6
+    assert stats["sampled_hallucination_rate"] > 0.5  # random model: mostly unparseable/hallucinated
+    scenes = dict(read_train_scenes(scenes_world))
+    for pair in pairs:
+        assert set(pair) == {"id", "image", "question", "chosen", "rejected"}
+        scene = scenes[pair["image"]]
+        chosen, rejected = score_caption(pair["chosen"], scene), score_caption(pair["rejected"], scene)
+        assert chosen.faithful and chosen.parseable  # the oracle's verdicts, checked independently here
+        assert rejected.hallucinated or not rejected.parseable
+    data = load_preferences([out], image_root=scenes_world, processor=loaded.processor, max_length=160,
+                            cache_dir=tmp_path / "dc", verbose=False)
+    assert len(data) == len(pairs)
+    # Same seed, same pairs.
+    build_onpolicy_pairs(loaded, scenes_world, tmp_path / "again.json", n_images=6, samples=2, seed=1, batch_size=4,
+                         max_new_tokens=12, progress=False)
+    assert json.loads((tmp_path / "again.json").read_text()) == pairs
