@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/modistill smoke --out runs/smoke
+	$(BIN)/modistill demo --out runs/demo
 
 smoke: $(BIN)/.installed
 	$(BIN)/modistill smoke --out runs/smoke

@@ -43,6 +43,16 @@ def test_round_trip_and_overrides(tmp_path):
     assert load_config(Outer, path).files == ["one.json"]
 
 
+def test_scientific_notation_is_a_number(tmp_path):
+    # PyYAML reads `1e-3` (no dot) as a string, in files and in key=value overrides alike.
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ninner: {rate: 2e-5}\n")
+    assert load_config(Outer, path).inner.rate == 2e-5
+    assert load_config(Outer, path, ["inner.rate=1E+2"]).inner.rate == 100.0
+    with pytest.raises(UserError, match="expected a number, got str 'e-3'"):
+        load_config(Outer, path, ["inner.rate=e-3"])
+
+
 @pytest.mark.parametrize(
     "text,message",
     [

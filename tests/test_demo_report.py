@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from modistill.demo.ablate import summarise
-from modistill.demo.report import findings, summary_row, write_report
+from modistill.demo.report import beyond_noise, findings, summary_row, write_report
 
 
-def _results(vqa, f1, greedy, sampled, coverage=0.8):
+def _results(vqa, f1, greedy, sampled, coverage=0.8, n=None):
     return {"metrics": {
-        "vqa": {"accuracy": vqa, "per_type": {"exists": {"accuracy": vqa}}},
+        "vqa": {"accuracy": vqa, "n": n, "per_type": {"exists": {"accuracy": vqa}}},
         "pope": {"overall": {"accuracy": f1, "f1": f1, "yes_ratio": 0.5}, "splits": {"adversarial": {"f1": f1 - 0.1}}},
         "captions": {"greedy": {"response_hallucination": greedy, "mention_hallucination": greedy / 2,
-                                "coverage": coverage, "unparseable": 0.0},
-                     "sampled": {"response_hallucination": sampled, "mention_hallucination": sampled / 2}},
+                                "coverage": coverage, "unparseable": 0.0, "n": n},
+                     "sampled": {"response_hallucination": sampled, "mention_hallucination": sampled / 2,
+                                 "n": n and 3 * n, "samples_per_image": 3}},
     }}
 
 
@@ -35,10 +37,27 @@ def test_rows_and_findings_say_what_helped_and_what_did_not():
     assert rows[2]["params_activated_m"] == pytest.approx(1.9)
     text = findings(rows)
     assert any("sampled (T=1): 0.150, below the teacher's 0.300" in f for f in text)
-    assert any("student/stage1a → student/stage1b" in f and "did not help" in f for f in text)
-    assert any("student/stage1b → student/stage2" in f and "halluc. T=1 -0.170" in f and "(helped)" in f for f in text)
+    assert any("student/stage1a → student/stage1b" in f and "no change beyond noise" in f for f in text)
+    assert any("student/stage1b → student/stage2" in f and "halluc. T=1 -0.170" in f and "(helped: " in f for f in text)
     worse = findings([rows[0], summary_row("student/x", _results(0.5, 0.5, 0.4, 0.6), _stage(1, 1))])
     assert any("NOT below the teacher's 0.300" in f for f in worse)
+
+
+def test_noise_verdicts_use_two_standard_errors():
+    # 200 images, 3 samples each: the sampled rate counts 200 images, not 600 samples.
+    before = summary_row("student/stage1b", _results(0.50, 0.8, 0.50, 0.50, n=200))
+    assert before["caption_sampled_n"] == 200
+    se = math.sqrt(2 * 0.5 * 0.5 / 200)  # 0.05: two s.e. of a difference at p = 0.5 is 0.1
+    small = summary_row("student/stage2", _results(0.50, 0.8, 0.50, 0.50 - 1.9 * se, n=200))
+    large = summary_row("student/stage2", _results(0.50, 0.8, 0.50, 0.50 - 2.2 * se, n=200))
+    assert beyond_noise(before, small, "caption_hallucination_sampled") is False
+    assert beyond_noise(before, large, "caption_hallucination_sampled") is True
+    assert beyond_noise(before, large, "pope_f1") is None  # not a proportion: no noise estimate
+    teacher = summary_row("teacher", _results(0.9, 0.9, 0.5, 0.5, n=200))
+    text = findings([teacher, before, small])
+    assert any("below the teacher's 0.500 (within noise" in f for f in text)
+    assert any("student/stage1b → student/stage2" in f and "no change beyond noise" in f for f in text)
+    assert "hurt: VQA" in findings([teacher, before, summary_row("student/x", _results(0.3, 0.8, 0.5, 0.5, n=200))])[-2]
 
 
 def test_write_report_makes_every_file(tmp_path):

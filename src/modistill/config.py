@@ -9,6 +9,7 @@ config next to a checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from modistill.errors import UserError
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 T = TypeVar("T")
 
@@ -133,6 +136,9 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
         val_tp = args[1] if len(args) == 2 else Any
         return {k: _convert(val_tp, v, source, f"{path}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            # PyYAML (YAML 1.1) reads `1e-3` as a string; everyone means the number.
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{source}: {path}: expected a number, got {_describe(value)}")
         return float(value)

@@ -48,6 +48,12 @@ class Demo:
         self.progress = progress
         self.timings: dict[str, float] = {}
         self.world = self.out / "world"
+        if not progress:  # the libraries' own bars too (dataset preparation, weight loading/saving)
+            import datasets
+            import transformers
+
+            datasets.disable_progress_bars()
+            transformers.utils.logging.disable_progress_bar()
 
     # --- small helpers -------------------------------------------------------------------------
     def _timed(self, name: str, fn, *args, **kwargs):

@@ -93,7 +93,8 @@ def metric_bars(rows: list[dict], out: Path) -> Path:
     ax.set_xticks(x, [label for _, label in metrics], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=min(len(rows), 4))
+    # Below the axes: inside, it would cover the tallest bars.
+    ax.legend(fontsize=7, ncol=min(len(rows), 5), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.set_title("held-out scenes: accuracy (higher is better) and hallucination (lower is better)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -102,13 +103,15 @@ def metric_bars(rows: list[dict], out: Path) -> Path:
 
 
 def hallucination_vs_accuracy(rows: list[dict], out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5.2, 4.0))
-    for row in rows:
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    markers = "osD^vP*X"
+    for i, row in enumerate(rows):
         x, y = row.get("vqa_accuracy"), row.get("caption_hallucination_sampled")
         if x is None or y is None:
             continue
-        ax.scatter(x, y, s=40)
-        ax.annotate(row["model"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        # A legend rather than text labels: nearby models would print over each other.
+        ax.scatter(x, y, s=45, marker=markers[i % len(markers)], label=row["model"])
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     ax.set_xlabel("VQA accuracy (higher is better)")
     ax.set_ylabel("caption hallucination, sampled T=1 (lower is better)")
     ax.set_xlim(0, 1)

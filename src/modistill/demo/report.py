@@ -7,6 +7,7 @@ the evaluation is never tuned to make a stage look better.
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,11 @@ def summary_row(name: str, results: dict[str, Any], stage_metrics: dict | None =
         "caption_mention_hallucination_sampled": sampled.get("mention_hallucination"),
         "caption_coverage": greedy.get("coverage"),
         "caption_unparseable": greedy.get("unparseable"),
+        # Sample sizes, for the noise level of each rate. Sampled captions of one image are not
+        # independent, so their rate counts images, not samples (the conservative choice).
+        "vqa_n": m.get("vqa", {}).get("n"),
+        "caption_greedy_n": greedy.get("n"),
+        "caption_sampled_n": _images(sampled),
     }
     if stage_metrics:
         params = stage_metrics.get("parameters", {})
@@ -69,10 +75,35 @@ def _fmt(value: Any, spec: str) -> str:
         return str(value)
 
 
+def _images(sampled: dict) -> int | None:
+    if sampled.get("n") is None:
+        return None
+    return max(1, round(sampled["n"] / sampled.get("samples_per_image", 1)))
+
+
 def _delta(before: dict, after: dict, key: str) -> float | None:
     if before.get(key) is None or after.get(key) is None:
         return None
     return after[key] - before[key]
+
+
+# Which sample size goes with which rate (None: not a proportion, no noise estimate).
+_SAMPLE_SIZE = {"vqa_accuracy": "vqa_n", "caption_hallucination_sampled": "caption_sampled_n",
+                "caption_hallucination_greedy": "caption_greedy_n"}
+
+
+def beyond_noise(before: dict, after: dict, key: str) -> bool | None:
+    """Whether the change in a rate exceeds two standard errors of a difference of proportions.
+
+    None when the sample sizes are unknown (the change is then reported without a verdict on noise).
+    """
+    n_key = _SAMPLE_SIZE.get(key)
+    d = _delta(before, after, key)
+    if d is None or n_key is None or not before.get(n_key) or not after.get(n_key):
+        return None
+    p1, p2 = before[key], after[key]
+    se = math.sqrt(p1 * (1 - p1) / before[n_key] + p2 * (1 - p2) / after[n_key])
+    return abs(d) > 2 * se
 
 
 def findings(rows: list[dict], teacher: str = "teacher") -> list[str]:
@@ -87,26 +118,37 @@ def findings(rows: list[dict], teacher: str = "teacher") -> list[str]:
                           ("caption_hallucination_greedy", "greedy")):
             if final.get(key) is not None and t.get(key) is not None:
                 verdict = "below" if final[key] < t[key] else "NOT below"
+                noise = {True: "", False: " (within noise: less than 2 s.e.)", None: ""}[beyond_noise(t, final, key)]
                 out.append(f"Final student ({final['model']}) caption hallucination, {what}: {final[key]:.3f}, "
-                           f"{verdict} the teacher's {t[key]:.3f}.")
+                           f"{verdict} the teacher's {t[key]:.3f}{noise}.")
         if final.get("vqa_accuracy") is not None and t.get("vqa_accuracy") is not None:
             out.append(f"Final student VQA accuracy {final['vqa_accuracy']:.3f} vs teacher {t['vqa_accuracy']:.3f} "
                        f"with {final.get('params_activated_m', 0):.2f}M vs {t.get('params_activated_m', 0):.2f}M "
                        f"activated parameters.")
     for prev, cur in zip(students, students[1:]):
-        parts = []
-        for key, label, better in (("vqa_accuracy", "VQA", 1), ("pope_f1", "POPE F1", 1),
-                                   ("caption_hallucination_sampled", "halluc. T=1", -1),
-                                   ("caption_coverage", "coverage", 1)):
+        parts, better, worse = [], [], []
+        for key, label, sign in (("vqa_accuracy", "VQA", 1), ("pope_f1", "POPE F1", 1),
+                                 ("caption_hallucination_sampled", "halluc. T=1", -1),
+                                 ("caption_hallucination_greedy", "halluc. greedy", -1),
+                                 ("caption_coverage", "coverage", 1)):
             d = _delta(prev, cur, key)
-            if d is not None:
-                parts.append(f"{label} {d:+.3f}")
-        helped = [
-            (_delta(prev, cur, "vqa_accuracy") or 0) > 0.01,
-            (_delta(prev, cur, "caption_hallucination_sampled") or 0) < -0.01,
-        ]
-        verdict = "helped" if any(helped) else "did not help measurably at this scale"
+            if d is None:
+                continue
+            real = beyond_noise(prev, cur, key)
+            if real is None:  # no sample size (POPE F1, coverage, or hand-made rows): a plain threshold
+                real = abs(d) > 0.01
+            parts.append(f"{label} {d:+.3f}{'*' if real else ''}")
+            if real:
+                (better if sign * d > 0 else worse).append(label)
+        if better:
+            verdict = "helped: " + ", ".join(better) + (f"; worse: {', '.join(worse)}" if worse else "")
+        elif worse:
+            verdict = "hurt: " + ", ".join(worse)
+        else:
+            verdict = "no change beyond noise at this scale"
         out.append(f"{prev['model']} → {cur['model']}: {', '.join(parts)} ({verdict}).")
+    if len(students) > 1:
+        out.append("* = beyond 2 standard errors (difference of proportions; sampled captions counted per image).")
     return out
 
 

@@ -104,7 +104,9 @@ class WorldConfig:
     task_mix: dict[str, float] = field(default_factory=_default_task_mix)
     multi_turn: float = 0.2  # fraction of training samples with 2-3 turns
     test_fraction: float = 0.1  # share of scene graphs reserved for the test split
-    eval_caption_style: str = "caption_detailed"
+    # Brief captions name object kinds (colour + shape), like CHAIR / Object-HalBench count object
+    # categories; detailed ones would also count a wrong size or cell as a hallucinated object.
+    eval_caption_style: str = "caption_brief"
     seed: int = 0  # seed of the world's structure (popularity, affinity, split buckets)
 
     def __post_init__(self) -> None:
