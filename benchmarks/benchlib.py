@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Any
 
 import psutil
 import torch
+
+from modistill.eval.efficiency import RssPeak
 
 # run_all --quick points this elsewhere so tiny runs never overwrite the real figures.
 RESULTS_DIR = Path(os.environ.get("MODISTILL_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
@@ -89,37 +90,6 @@ def release_free_memory() -> None:
         pass
 
 
-class RssPeak:
-    """Peak RSS while the `with` block runs, sampled by a daemon thread."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self._proc = psutil.Process()
-        self._interval = interval
-        self._stop = threading.Event()
-        self.before = self.peak = 0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self._interval)
-
-    def __enter__(self) -> RssPeak:
-        release_free_memory()
-        self.before = self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    @property
-    def delta(self) -> int:
-        return max(0, self.peak - self.before)
-
-
 def process_rss() -> int:
     return psutil.Process().memory_info().rss
 
@@ -134,7 +104,8 @@ def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, warmup: in
     runs: dict[str, dict[str, list]] = {name: {"seconds": [], "peak_extra_bytes": []} for name in variants}
     for round_index in range(warmup + repeats):
         for name, fn in variants.items():
-            with RssPeak() as rss:
+            release_free_memory()
+            with RssPeak(interval=0.002) as rss:
                 start = time.perf_counter()
                 fn()
                 seconds = time.perf_counter() - start

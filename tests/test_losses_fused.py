@@ -121,6 +121,45 @@ def test_fused_matches_plain_values_and_grads(form: str, kind: str, temperature:
         assert_close_rel(got, want)
 
 
+def test_frozen_head_gives_hidden_grads_and_leaves_head_untouched() -> None:
+    """Stage 1b freezes lm_head by default: the hidden states still get the plain path's gradient,
+    and the frozen weight and bias get none (no grad computed, nothing accumulated)."""
+    case = make_case(4)
+    weight, bias = case.weight.detach(), case.bias.detach()
+    num_items = int((case.labels != -100).sum())
+    common = {"kind": "reverse_kl", "temperature": TEMPERATURE, "num_items": num_items,
+              "kd_weight": 1.0, "ce_weight": 0.5}
+    fused = fused_distill_loss(case.hidden, weight, teacher=case.teacher("logits"), labels=case.labels,
+                               chunk_size=CHUNK, student_head_bias=bias, **common)
+    fused["loss"].backward()
+    assert weight.grad is None and bias.grad is None
+    logits = F.linear(case.hidden, weight, bias)
+    counted = case.labels != -100
+    plain = (divergence_loss(logits, case.teacher_logits()[:, :V], "reverse_kl", mask=counted,
+                             temperature=TEMPERATURE, num_items=num_items)
+             + 0.5 * F.cross_entropy(logits, case.labels, ignore_index=-100, reduction="sum") / num_items)
+    want = torch.autograd.grad(plain, case.hidden)[0]
+    assert want.abs().max() > 0
+    assert_close_rel(case.hidden.grad, want)
+
+
+@pytest.mark.parametrize("kd_weight, ce_weight", [(1.0, 0.0), (0.0, 1.0)])
+def test_single_term_losses_match_plain(kd_weight: float, ce_weight: float) -> None:
+    """KD-only (stage 1a) and CE-only (SFT) through the fused path: a zero weight drops its term
+    from both the value and the gradient."""
+    case = make_case(5)
+    num_items = int((case.labels != -100).sum())
+    weights = {"kd_weight": kd_weight, "ce_weight": ce_weight}
+    fused = fused_distill_loss(case.hidden, case.weight, teacher=case.teacher("logits"), labels=case.labels,
+                               kind="forward_kl", temperature=1.0, chunk_size=CHUNK, num_items=num_items,
+                               student_head_bias=case.bias, **weights)
+    plain = plain_loss(case, "logits", "forward_kl", num_items=num_items, temperature=1.0, **weights)
+    assert_close_rel(fused["loss"], plain["loss"])
+    for got, want in zip(torch.autograd.grad(fused["loss"], case.params),
+                         torch.autograd.grad(plain["loss"], case.params)):
+        assert_close_rel(got, want)
+
+
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
 def test_fused_topk_with_k_equal_vocab_equals_full_teacher(kind: str) -> None:
     case = make_case(1)

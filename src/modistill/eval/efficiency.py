@@ -54,8 +54,11 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 # ------------------------------------------------------------------------------------ memory
-class _RssSampler:
-    """Peak RSS of this process while the `with` block runs (psutil, polled by a daemon thread)."""
+class RssPeak:
+    """Peak RSS of this process while the `with` block runs (psutil, polled by a daemon thread).
+
+    Also used by benchmarks/: `delta` is the peak extra memory over the RSS at entry.
+    """
 
     def __init__(self, interval: float = 0.001) -> None:
         import psutil  # optional: the caller falls back to VmHWM when it is missing
@@ -70,7 +73,7 @@ class _RssSampler:
             self.peak = max(self.peak, self._proc.memory_info().rss)
             time.sleep(self._interval)
 
-    def __enter__(self) -> _RssSampler:
+    def __enter__(self) -> RssPeak:
         self.before = self.peak = self._proc.memory_info().rss
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -80,6 +83,10 @@ class _RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def delta(self) -> int:
+        return max(0, self.peak - self.before)
 
 
 def _status_kb(field: str) -> int:
@@ -121,7 +128,7 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
         method = "torch.cuda.max_memory_allocated"
     else:
         try:
-            with _RssSampler() as sampler:
+            with RssPeak() as sampler:
                 fn()
             before, peak, method = sampler.before, sampler.peak, "RSS sampled every 1 ms (psutil)"
         except ImportError:
