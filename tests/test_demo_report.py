@@ -54,6 +54,9 @@ def test_noise_verdicts_use_two_standard_errors():
     assert beyond_noise(before, large, "caption_hallucination_sampled") is True
     assert beyond_noise(before, large, "pope_f1") is None  # not a proportion: no noise estimate
     teacher = summary_row("teacher", _results(0.9, 0.9, 0.5, 0.5, n=200))
+    pope_drop = dict(large, pope_f1=large["pope_f1"] - 0.2)  # F1 has no noise estimate: marked †
+    assert "POPE F1 -0.200†" in findings([teacher, before, pope_drop])[-2]
+    assert "POPE F1" not in findings([teacher, before, dict(large, pope_f1=large["pope_f1"] - 0.03)])[-2].split("(")[1]
     text = findings([teacher, before, small])
     assert any("below the teacher's 0.500 (within noise" in f for f in text)
     assert any("student/stage1b → student/stage2" in f and "no change beyond noise" in f for f in text)

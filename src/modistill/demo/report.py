@@ -87,6 +87,9 @@ def _delta(before: dict, after: dict, key: str) -> float | None:
     return after[key] - before[key]
 
 
+# A change in a metric with no noise estimate (F1, coverage) counts only above this.
+NO_ESTIMATE_THRESHOLD = 0.05
+
 # Which sample size goes with which rate (None: not a proportion, no noise estimate).
 _SAMPLE_SIZE = {"vqa_accuracy": "vqa_n", "caption_hallucination_sampled": "caption_sampled_n",
                 "caption_hallucination_greedy": "caption_greedy_n"}
@@ -134,10 +137,10 @@ def findings(rows: list[dict], teacher: str = "teacher") -> list[str]:
             d = _delta(prev, cur, key)
             if d is None:
                 continue
-            real = beyond_noise(prev, cur, key)
-            if real is None:  # no sample size (POPE F1, coverage, or hand-made rows): a plain threshold
-                real = abs(d) > 0.01
-            parts.append(f"{label} {d:+.3f}{'*' if real else ''}")
+            real, mark = beyond_noise(prev, cur, key), "*"
+            if real is None:  # no noise estimate (POPE F1, coverage): only a large change counts
+                real, mark = abs(d) > NO_ESTIMATE_THRESHOLD, "†"
+            parts.append(f"{label} {d:+.3f}{mark if real else ''}")
             if real:
                 (better if sign * d > 0 else worse).append(label)
         if better:
@@ -148,7 +151,8 @@ def findings(rows: list[dict], teacher: str = "teacher") -> list[str]:
             verdict = "no change beyond noise at this scale"
         out.append(f"{prev['model']} → {cur['model']}: {', '.join(parts)} ({verdict}).")
     if len(students) > 1:
-        out.append("* = beyond 2 standard errors (difference of proportions; sampled captions counted per image).")
+        out.append("* = beyond 2 standard errors (difference of proportions; sampled captions counted per image); "
+                   f"† = no noise estimate for this metric, |Δ| > {NO_ESTIMATE_THRESHOLD}.")
     return out
 
 
