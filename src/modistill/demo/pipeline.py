@@ -10,7 +10,8 @@
     DIR/report.md, report.html, results.json, figures/
 
 Every stage goes through the same YAML-driven code a user runs. A finished stage (metrics.json)
-or evaluation (eval/*.json) is skipped on re-run; `--fresh` starts over.
+or evaluation (eval/*.json) is skipped on re-run and keeps its earlier time (DIR/timings.json);
+`--fresh` starts over.
 """
 
 from __future__ import annotations
@@ -60,7 +61,13 @@ class Demo:
         start = time.perf_counter()
         result = fn(*args, **kwargs)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        # Kept on disk so that a resumed run's report still shows what the skipped parts took.
+        write_json_atomic(self.out / "timings.json", {**self._earlier_timings(), **self.timings})
         return result
+
+    def _earlier_timings(self) -> dict[str, float]:
+        path = self.out / "timings.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def _say(self, text: str) -> None:
         print(f"\n=== {text}", flush=True)
@@ -84,12 +91,12 @@ class Demo:
         stage_cfg = load_stage_config(path)
         self._say(f"{name}  ({path.relative_to(self.out)})")
         if stage_cfg.stage == "preference":
-            from modistill.recipes.preference import run_preference
-
-            return self._timed(name, run_preference, stage_cfg)
-        from modistill.recipes.distill import run_distill
-
-        return self._timed(name, run_distill, stage_cfg)
+            from modistill.recipes.preference import run_preference as run
+        else:
+            from modistill.recipes.distill import run_distill as run
+        if (Path(out_dir) / "metrics.json").is_file():  # finished earlier: the recipe only reloads it
+            return run(stage_cfg)
+        return self._timed(name, run, stage_cfg)
 
     def evaluate(self, name: str, model_dir: Path) -> dict:
         out = self.out / "eval" / f"{name.replace('/', '_')}.json"
@@ -207,6 +214,7 @@ class Demo:
 
     def run(self) -> dict:
         start = time.perf_counter()
+        earlier = self._earlier_timings()
         self.make_world()
         teacher = self.teacher()
         dirs = self.student(teacher)
@@ -216,7 +224,11 @@ class Demo:
             results = self.evaluate(name, path)
             stage_metrics = json.loads((path / "metrics.json").read_text())
             rows.append(summary_row(name, results, stage_metrics))
-        self.timings["total"] = time.perf_counter() - start
+        # Parts skipped because an earlier run finished them keep that run's time (and count in the total).
+        reused = {k: v for k, v in earlier.items() if k != "total" and k not in self.timings}
+        self.timings = {**reused, **self.timings}
+        self.timings["total"] = time.perf_counter() - start + sum(reused.values())
+        write_json_atomic(self.out / "timings.json", self.timings)
         report = write_report(self.out, {
             "title": "modistill demo: LLaVA-MoD on the scenes world",
             "notes": [f"seed {self.seed}; plan {json.dumps(to_dict(self.plan))}",
