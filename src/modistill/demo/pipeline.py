@@ -48,6 +48,9 @@ class Demo:
         self.seed = seed
         self.progress = progress
         self.timings: dict[str, float] = {}
+        # What an earlier run of this directory timed: a resumed run's report keeps the skipped parts' times.
+        timings_file = self.out / "timings.json"
+        self._earlier_timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
         self.world = self.out / "world"
         if not progress:  # the libraries' own bars too (dataset preparation, weight loading/saving)
             import datasets
@@ -61,13 +64,8 @@ class Demo:
         start = time.perf_counter()
         result = fn(*args, **kwargs)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-        # Kept on disk so that a resumed run's report still shows what the skipped parts took.
-        write_json_atomic(self.out / "timings.json", {**self._earlier_timings(), **self.timings})
+        write_json_atomic(self.out / "timings.json", {**self._earlier_timings, **self.timings})
         return result
-
-    def _earlier_timings(self) -> dict[str, float]:
-        path = self.out / "timings.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
 
     def _say(self, text: str) -> None:
         print(f"\n=== {text}", flush=True)
@@ -214,7 +212,6 @@ class Demo:
 
     def run(self) -> dict:
         start = time.perf_counter()
-        earlier = self._earlier_timings()
         self.make_world()
         teacher = self.teacher()
         dirs = self.student(teacher)
@@ -225,7 +222,7 @@ class Demo:
             stage_metrics = json.loads((path / "metrics.json").read_text())
             rows.append(summary_row(name, results, stage_metrics))
         # Parts skipped because an earlier run finished them keep that run's time (and count in the total).
-        reused = {k: v for k, v in earlier.items() if k != "total" and k not in self.timings}
+        reused = {k: v for k, v in self._earlier_timings.items() if k != "total" and k not in self.timings}
         self.timings = {**reused, **self.timings}
         self.timings["total"] = time.perf_counter() - start + sum(reused.values())
         write_json_atomic(self.out / "timings.json", self.timings)
