@@ -20,7 +20,7 @@ import benchlib as bl
 import steps
 from modistill.teacher.cache import CacheIdentity, TeacherCache, TeacherCacheWriter
 from modistill.teacher.live import LiveTeacher
-from modistill.train.forward import output_head
+from modistill.runtime.inputs import output_head
 
 TARGET = 1.10
 DISTILLKIT_BYTES_PER_TOKEN = 300  # DistillKit's stored top-k logits, as reported by its authors (~300 B/token)

@@ -23,10 +23,10 @@ import torch
 import benchlib as bl
 import steps
 from modistill.teacher.reference import ReferenceStore, save_reference
-from modistill.train.config import LossConfig
-from modistill.train.groups import default_trainable, set_trainable
-from modistill.train.pairs import pair_inputs, pair_logps
-from modistill.train.preference_trainer import LiveReference, PreferenceTrainer, StoredReference
+from modistill.runtime.groups import set_trainable
+from modistill.runtime.inputs import pair_inputs, pair_logps
+from modistill.stages.preference import PreferenceLoss, PreferenceTrainer
+from modistill.teacher.reference import LiveReference, StoredReference
 from modistill.upcycle import upcycle
 
 TARGET = 1.05
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats
     if args.quick:
         vocab, pairs, length, prompt, student_size, teacher_size, repeats = 4096, 2, 64, 16, (64, 2), (128, 2), 1
-    loss = LossConfig()  # kto_pair, beta 0.1, balance 0.01, chunk 256
+    loss = PreferenceLoss()  # kto_pair, beta 0.1, balance 0.01, chunk 256
 
     student = upcycle(bl.qwen3_lm(*student_size, vocab, seed=0), 4, 2, "every-other", seed=0)
     # Stage 2 groups of an MoE student (the projector group only exists in a VLM).
-    trainable = set_trainable(student, [g for g in default_trainable("preference", True) if g != "projector"])
+    trainable = set_trainable(student, ["dense_mlp", "experts", "routers"])
     teacher = bl.qwen3_lm(*teacher_size, vocab, seed=1)
     teacher.eval().requires_grad_(False)
     batch = pair_batch(pairs, length, prompt, vocab, seed=2)

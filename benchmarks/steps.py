@@ -33,10 +33,19 @@ def ce_trainer(student) -> Trainer:
 
 
 def distill_trainer(student, teacher_source, **loss):
-    from modistill.train.config import LossConfig
-    from modistill.train.trainer import DistillTrainer
+    """The stage trainer `modistill train` builds: stage 0's CE trainer for kd_weight 0, else stage 1a's
+    (stage 1b's for an MoE student)."""
+    from modistill.moe import sparse_blocks
+    from modistill.stages.align import CELoss, CETrainer
+    from modistill.stages.mimic_dense import KDLoss, MimicTrainer
+    from modistill.stages.mimic_sparse import SparseKDLoss, SparseMimicTrainer
 
-    return DistillTrainer(model=student, args=training_args(), loss_config=LossConfig(**loss), teacher=teacher_source)
+    if loss.get("kd_weight") == 0:
+        return CETrainer(model=student, args=training_args(), loss_config=CELoss())
+    if sparse_blocks(student):
+        return SparseMimicTrainer(model=student, args=training_args(), loss_config=SparseKDLoss(**loss),
+                                  teacher=teacher_source)
+    return MimicTrainer(model=student, args=training_args(), loss_config=KDLoss(**loss), teacher=teacher_source)
 
 
 def gkd_trainer(student, teacher):

@@ -37,8 +37,8 @@ def tiny_vlm_dir(tmp_path_factory, tok_dir):
 @pytest.fixture(scope="session")
 def scenes_world(tmp_path_factory):
     """A small scenes world: images, LLaVA-format data, preference pairs, eval sets, tokenizer."""
-    from modistill.data.scenes.build import build_world
-    from modistill.data.scenes.world import WorldConfig
+    from modistill.scenes.build import build_world
+    from modistill.scenes.world import WorldConfig
 
     path = tmp_path_factory.mktemp("world") / "world"
     build_world(path, WorldConfig(), n_train=48, n_test=8, seed=0, n_prefs=16, progress=False)

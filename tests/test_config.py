@@ -11,7 +11,8 @@ import yaml
 
 from modistill.config import apply_overrides, dump_yaml, from_dict, load_config
 from modistill.errors import UserError
-from modistill.train.config import CacheConfig, StageConfig, load_cache_config, load_stage_config
+from modistill.stages import STAGES, load_stage_config
+from modistill.stages.cache_teacher import CacheConfig, load_cache_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -91,12 +92,13 @@ def test_every_shipped_yaml_parses():
     files = _stage_files()
     assert len(files) >= 10
     for path in files:
-        data = yaml.safe_load(path.read_text())
-        if "stage" in data:
-            cfg = load_stage_config(path)
-            assert isinstance(cfg, StageConfig)
+        if path.name.startswith("cache_teacher"):
+            cache = load_cache_config(path)
+            assert isinstance(cache, CacheConfig)
+            assert load_stage_config(CONFIGS.parent / cache.stage).stage in ("mimic_dense", "mimic_sparse")
         else:
-            assert isinstance(load_cache_config(path), CacheConfig)
+            cfg = load_stage_config(path)
+            assert type(cfg).__name__ == STAGES[cfg.stage][1]
     for path in sorted((CONFIGS / "accelerate").glob("*.yaml")):
         data = yaml.safe_load(path.read_text())
         assert data["distributed_type"] in {"MULTI_GPU", "FSDP", "DEEPSPEED"}
@@ -104,10 +106,26 @@ def test_every_shipped_yaml_parses():
 
 def test_stage_config_requires_a_teacher_for_kd(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text("stage: mimic\noutput_dir: o\nstudent: {path: s}\ndata: {train: [d.json]}\n")
-    with pytest.raises(UserError, match="needs a `teacher`"):
+    path.write_text("stage: mimic_sparse\noutput_dir: o\nstudent: {path: s}\ndata: {train: [d.json]}\n")
+    with pytest.raises(UserError, match="give `teacher`"):
         load_stage_config(path)
-    path.write_text("stage: mimic\noutput_dir: o\nstudent: {path: s, build: {tokenizer: t}}\ndata: {train: [d.json]}\n"
+    path.write_text("stage: mimic_dense\noutput_dir: o\nstudent: {path: s, build: {tokenizer: t}}\ndata: {train: [d.json]}\n"
                     "teacher: {path: t}\n")
     with pytest.raises(UserError, match="exactly one of"):
+        load_stage_config(path)
+
+
+def test_stage_keys_are_checked_against_that_stage(tmp_path):
+    path = tmp_path / "s.yaml"
+    # balance_coef belongs to stage 1b's loss, not 1a's; an unknown stage is named with the valid ones.
+    path.write_text("stage: mimic_dense\noutput_dir: o\nstudent: {path: s}\nteacher: {path: t}\n"
+                    "data: {train: [d.json]}\nloss: {balance_coef: 0.01}\n")
+    with pytest.raises(UserError, match="unknown key loss.'balance_coef'"):
+        load_stage_config(path)
+    path.write_text("stage: mimic\noutput_dir: o\nstudent: {path: s}\ndata: {train: [d.json]}\n")
+    with pytest.raises(UserError, match="must be one of align, sft, mimic_dense"):
+        load_stage_config(path)
+    path.write_text("stage: mimic_dense\noutput_dir: o\nstudent: {path: s}\nteacher: {path: t}\n"
+                    "data: {train: [d.json]}\nloss: {kd_weight: 0}\n")
+    with pytest.raises(UserError, match="kd_weight must be > 0"):
         load_stage_config(path)

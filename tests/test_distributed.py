@@ -4,7 +4,7 @@ torchrun starts `modistill train` through a small wrapper (written into tmp_path
 callback dumping each rank's final weights, so the test can check that both ranks hold the same
 model. The global batch is the same as the 1-process run's: 2 processes x 2 samples take, step by
 step, exactly the 4 samples the single process takes (Accelerate hands consecutive per-device
-batches of one seeded permutation to the ranks in turn), and DistillTrainer normalises KD and CE by
+batches of one seeded permutation to the ranks in turn), and the trainer normalises KD and CE by
 the token count of all ranks, so the update is the same up to fp32 summation order.
 
 The MoE balance loss is computed per rank on that rank's tokens, and DDP averages the ranks'
@@ -25,11 +25,13 @@ import textwrap
 import torch
 from safetensors.torch import load_file
 
-from modistill.config import from_dict
+import pytest
+
 from modistill.models.load import load_model
-from modistill.recipes.distill import run_distill
-from modistill.train.config import StageConfig
+from modistill.stages import run_stage, stage_from_dict
 from modistill.upcycle import upcycle
+
+pytestmark = pytest.mark.distributed
 
 # Runs `modistill train` with a callback that saves this rank's final weights (named as in memory).
 WRAPPER = textwrap.dedent(
@@ -40,7 +42,7 @@ WRAPPER = textwrap.dedent(
     from safetensors.torch import save_file
     from transformers import TrainerCallback
 
-    import modistill.recipes.distill as distill
+    import modistill.stages.mimic_sparse as stage
     from modistill.cli import main
 
 
@@ -50,13 +52,13 @@ WRAPPER = textwrap.dedent(
             save_file(weights, os.path.join(os.environ["DUMP_DIR"], f"rank{args.process_index}.safetensors"))
 
 
-    class RecordingTrainer(distill.DistillTrainer):
+    class RecordingTrainer(stage.SparseMimicTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.add_callback(DumpWeights())
 
 
-    distill.DistillTrainer = RecordingTrainer
+    stage.SparseMimicTrainer = RecordingTrainer
     sys.exit(main(sys.argv[1:]))
     """
 )
@@ -67,9 +69,10 @@ GLOBAL_BATCH = 4
 
 def stage1b(out, world, teacher_dir, student_dir, per_device: int, balance: float) -> dict:
     return {
-        "stage": "mimic",
+        "stage": "mimic_sparse",
         "output_dir": str(out),
-        "student": {"path": str(student_dir), "upcycle": {"num_experts": 4, "top_k": 2, "seed": 3}},
+        "student": {"path": str(student_dir)},
+        "upcycle": {"num_experts": 4, "top_k": 2, "seed": 3},
         "teacher": {"path": str(teacher_dir)},
         "data": {"train": [str(world / "train.json")], "max_length": 96, "cache_dir": str(out) + "-data"},
         "loss": {"kd_weight": 1.0, "ce_weight": 1.0, "balance_coef": balance},
@@ -98,7 +101,7 @@ def run_two_processes(tmp_path, name: str, cfg: dict) -> dict[str, dict[str, tor
 
 
 def run_one_process(out, cfg: dict) -> None:
-    run_distill(from_dict(StageConfig, cfg))
+    run_stage(stage_from_dict(cfg))
 
 
 def train_logs(out) -> list[dict]:

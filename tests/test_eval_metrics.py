@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from modistill.data.scenes.world import SceneObject, make_scene
+from modistill.scenes.world import SceneObject, make_scene
 from modistill.eval.metrics import (
     binary_metrics,
     caption_hallucination,

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from modistill.data.scenes.build import build_world
-from modistill.data.scenes.world import WorldConfig
+from modistill.scenes.build import build_world
+from modistill.scenes.world import WorldConfig
 from modistill.eval.cli import add_chat_arguments, add_eval_arguments, run_chat_command, run_eval_command
 from modistill.eval.efficiency import _vmhwm_peak, measure_efficiency, peak_memory
 from modistill.eval.generate import generate_answers

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from modistill.losses import (
     DIVERGENCE_KINDS,
     TeacherHidden,
-    TeacherLogits,
     TeacherTopK,
     chunked_token_logps,
     coarse_logprobs,
@@ -46,9 +45,9 @@ class Case:
     def teacher_logits(self) -> torch.Tensor:
         return F.linear(self.teacher_hidden, self.teacher_weight, self.teacher_bias)
 
-    def teacher(self, form: str, temperature: float = TEMPERATURE) -> TeacherLogits | TeacherHidden | TeacherTopK:
-        if form == "logits":
-            return TeacherLogits(self.teacher_logits())
+    def teacher(self, form: str, temperature: float = TEMPERATURE) -> TeacherHidden | TeacherTopK:
+        if form == "logits":  # a teacher given by its logits: an identity head reproduces them exactly
+            return TeacherHidden(self.teacher_logits(), torch.eye(TEACHER_V))
         if form == "hidden":
             return TeacherHidden(self.teacher_hidden, self.teacher_weight, self.teacher_bias)
         ids, logprobs = topk_from_logits(self.teacher_logits()[:, :V], TOPK, temperature)
@@ -283,7 +282,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
     case = make_case(8)
     h, w, labels = case.hidden, case.weight, case.labels
     with pytest.raises(ValueError, match="teacher vocabulary 40 is smaller than the student's 50"):
-        fused_distill_loss(h, w, teacher=TeacherLogits(torch.randn(N, 40)), labels=labels)
+        fused_distill_loss(h, w, teacher=TeacherHidden(torch.randn(N, 40), torch.eye(40)), labels=labels)
     with pytest.raises(ValueError, match="teacher vocabulary 40"):
         fused_distill_loss(h, w, teacher=TeacherHidden(torch.randn(N, 4), torch.randn(40, 4)), labels=labels)
     with pytest.raises(ValueError, match=r"ids must lie in \[0, 50\)"):
@@ -299,8 +298,8 @@ def test_bad_inputs_raise_clear_errors() -> None:
         fused_distill_loss(h, w, teacher=None, labels=labels)
     with pytest.raises(ValueError, match="needs labels"):
         fused_distill_loss(h, w, teacher=case.teacher("logits"), labels=None, ce_weight=1.0)
-    with pytest.raises(ValueError, match="teacher logits must be"):
-        fused_distill_loss(h, w, teacher=TeacherLogits(torch.randn(N - 1, V)), labels=labels)
+    with pytest.raises(ValueError, match=f"teacher hidden has {N - 1} rows, the student {N}"):
+        fused_distill_loss(h, w, teacher=TeacherHidden(torch.randn(N - 1, V), torch.eye(V)), labels=labels)
     with pytest.raises(ValueError, match="labels must be"):
         fused_distill_loss(h, w, teacher=None, labels=labels[:-1], kd_weight=0.0)
     with pytest.raises(ValueError, match="chunk_size"):

@@ -1,5 +1,5 @@
-"""The paper's recipe (configs/llava-mod-2b, configs/llava-mod-0.5b): parse, check against METHOD.md's
-stage table, and build each stage's student with the pretrained parts swapped for tiny saved ones."""
+"""The paper's recipe (configs/llava-mod-2b, configs/llava-mod-0.5b): parse, check against the paper's
+stage table (docs/method.md), and build each stage's student with the pretrained parts swapped for tiny saved ones."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast, Qwen2Co
 
 from modistill.models.tiny import tiny_tokenizer
 from modistill.moe import sparse_blocks
-from modistill.train.config import load_cache_config, load_stage_config
-from modistill.train.groups import default_trainable, set_trainable
-from modistill.train.run import load_student
+from modistill.runtime.groups import set_trainable
+from modistill.runtime.student import load_student
+from modistill.stages import load_stage_config
+from modistill.stages.cache_teacher import load_cache_config
+from modistill.upcycle import upcycle
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -41,22 +43,23 @@ def test_recipe_matches_the_method_table(variant):
     d = CONFIGS / variant
     s0, s1a = load_stage_config(d / "stage0_align.yaml"), load_stage_config(d / "stage1a_dense.yaml")
     s1b, s2 = load_stage_config(d / "stage1b_sparse.yaml"), load_stage_config(d / "stage2_preference.yaml")
-    assert [c.stage for c in (s0, s1a, s1b, s2)] == ["align", "mimic", "mimic", "preference"]
+    assert [c.stage for c in (s0, s1a, s1b, s2)] == ["align", "mimic_dense", "mimic_sparse", "preference"]
     assert [c.train.learning_rate for c in (s0, s1a, s1b, s2)] == [1e-3, 2e-5, 2e-5, 2e-6]
     for c in (s0, s1a, s1b, s2):
         assert c.train.num_train_epochs == 1 and c.train.lr_scheduler_type == "cosine"
         assert c.train.warmup_steps == 0.03 and c.train.weight_decay == 0.0 and c.train.bf16
         assert c.data.max_length == 2048
-    assert s0.trainable == ["projector"] and s0.loss.ce_weight == 1.0
+    assert s0.trainable == ["projector"]
     assert s0.student.build.vision.feature_layer == -2 and s0.student.build.vision.type == "clip"
     assert s1a.loss.kd_weight == 1.0 and s1a.loss.ce_weight == 0.0 and s1a.loss.divergence == "forward_kl"
     assert s1a.teacher.vocab == "truncate"
-    up = s1b.student.upcycle
+    up = s1b.upcycle
     assert (up.num_experts, up.top_k, up.layers) == (4, 2, "every-other")
     assert s1b.loss.ce_weight == 1.0 and s1b.loss.balance_coef == 0.01
-    assert sorted(s1b.trainable) == sorted(default_trainable("mimic", is_moe=True))
+    assert sorted(s1b.trainable) == ["dense_mlp", "experts", "projector", "routers"]
     assert s2.loss.preference == "kto_pair" and s2.loss.beta == 0.1 and s2.reference == "precompute"
-    assert load_cache_config(d / "cache_teacher.yaml").top_k == 32
+    cache = load_cache_config(d / "cache_teacher.yaml")
+    assert cache.top_k == 32 and load_stage_config(CONFIGS.parent / cache.stage).stage == "mimic_sparse"
 
 
 @pytest.mark.parametrize("variant", ["llava-mod-2b", "llava-mod-0.5b"])
@@ -79,7 +82,7 @@ def test_recipe_builds_with_tiny_parts(variant, tiny_parts, tmp_path):
     assert "vision" not in counts and {"projector", "attention", "embeddings", "dense_mlp"} <= set(counts)
 
     s1b = load_stage_config(d / "stage1b_sparse.yaml", [f"student.path={tmp_path / 'stage0'}"])
-    moe, _ = load_student(s1b.student)
+    moe = upcycle(load_student(s1b.student)[0], s1b.upcycle.num_experts, s1b.upcycle.top_k, s1b.upcycle.layers)
     assert moe.config.text_config.model_type == "qwen2_moe"
     assert sorted(sparse_blocks(moe)) == [0, 2]
     counts = set_trainable(moe, s1b.trainable)

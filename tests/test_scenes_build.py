@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 
-from modistill.data.scenes.build import add_scenes_arguments, build_world, run_scenes_command
-from modistill.data.scenes.oracle import score_caption
-from modistill.data.scenes.world import Scene, WorldConfig
+from modistill.scenes.build import add_scenes_arguments, build_world, run_scenes_command
+from modistill.scenes.oracle import score_caption
+from modistill.scenes.world import Scene, WorldConfig
 from modistill.errors import UserError
 
 

@@ -5,15 +5,15 @@ import random
 
 import pytest
 
-from modistill.data.scenes.oracle import (
+from modistill.scenes.oracle import (
     answer_matches,
     caption_metrics,
     label_preference_pairs,
     parse_caption,
     score_caption,
 )
-from modistill.data.scenes.text import CAPTION_PROMPTS, caption, corrupt_caption
-from modistill.data.scenes.world import CAPTION_TASKS, SceneObject, World, WorldConfig, make_scene
+from modistill.scenes.text import CAPTION_PROMPTS, caption, corrupt_caption
+from modistill.scenes.world import CAPTION_TASKS, SceneObject, World, WorldConfig, make_scene
 
 # A small red circle at the top left, a large blue square in the centre (3x3 grid).
 SCENE = make_scene(

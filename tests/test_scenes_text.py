@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from modistill.data.scenes.oracle import score_caption
-from modistill.data.scenes.text import CAPTION_PROMPTS, NUMBER_WORDS, caption_style_of, pope_questions, training_sample, vqa_questions
-from modistill.data.scenes.world import KindStats, World, WorldConfig, position_phrase
+from modistill.scenes.oracle import score_caption
+from modistill.scenes.text import CAPTION_PROMPTS, NUMBER_WORDS, caption_style_of, pope_questions, training_sample, vqa_questions
+from modistill.scenes.world import KindStats, World, WorldConfig, position_phrase
 
 
 def _samples(cfg, n, seed=0):

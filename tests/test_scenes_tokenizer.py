@@ -6,9 +6,9 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from modistill.data.scenes.text import CAPTION_PROMPTS, QUESTION_TYPES, caption, make_question, training_sample
-from modistill.data.scenes.tokenizer import chat_text, train_tokenizer
-from modistill.data.scenes.world import CAPTION_TASKS, COL_WORDS, ROW_WORDS, World, WorldConfig
+from modistill.scenes.text import CAPTION_PROMPTS, QUESTION_TYPES, caption, make_question, training_sample
+from modistill.scenes.tokenizer import chat_text, train_tokenizer
+from modistill.scenes.world import CAPTION_TASKS, COL_WORDS, ROW_WORDS, World, WorldConfig
 from modistill.models.chat import CHATML_TEMPLATE
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from modistill.config import from_dict
-from modistill.data.scenes.render import image_rng, render_scene
-from modistill.data.scenes.world import PALETTE, SHAPES, KindStats, Scene, World, WorldConfig
+from modistill.scenes.render import image_rng, render_scene
+from modistill.scenes.world import PALETTE, SHAPES, KindStats, Scene, World, WorldConfig
 from modistill.errors import UserError
 
 

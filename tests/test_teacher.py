@@ -9,16 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import vlm_spec
-from modistill.config import from_dict
+from modistill.config import dump_yaml
 from modistill.errors import UserError
 from modistill.models.build import build_vlm
 from modistill.models.load import load_model
 from modistill.models.tiny import tiny_tokenizer
-from modistill.recipes.cache_teacher import run_cache_teacher
-from modistill.recipes.distill import run_distill
-from modistill.recipes.preference import run_preference
+from modistill.stages import run_stage
+from modistill.stages.cache_teacher import CacheConfig, run_cache_teacher
 from modistill.teacher.compat import check_vocab_compatible
-from modistill.train.config import CacheConfig
 from test_train_stages import _weights, stage_config
 
 
@@ -44,21 +42,21 @@ def test_vocab_checks(scenes_world):
 
 def test_cached_teacher_with_k_equal_vocab_gives_the_live_teacher_run(tmp_path, scenes_world, teacher_dir, student_dir):
     vocab = load_model(student_dir).model.get_output_embeddings().weight.shape[0]
-    data = {"train": [str(scenes_world / "train.json")], "max_length": 96, "cache_dir": str(tmp_path / "dc")}
-    cache_cfg = from_dict(CacheConfig, {"teacher": {"path": str(teacher_dir)}, "student": str(student_dir),
-                                        "data": data, "output_dir": str(tmp_path / "cache"), "top_k": vocab,
-                                        "batch_size": 8, "shard_size": 20})
+    loss = {"kd_weight": 1.0, "ce_weight": 0.2}
+    live = stage_config("mimic_dense", tmp_path / "live", {"path": str(student_dir)}, scenes_world,
+                        teacher=teacher_dir, loss=loss, data={"cache_dir": str(tmp_path / "dc")})
+    # The cache serves the live run's stage: teacher, data and temperature come from its YAML.
+    (tmp_path / "live.yaml").write_text(dump_yaml(live))
+    cache_cfg = CacheConfig(stage=str(tmp_path / "live.yaml"), output_dir=str(tmp_path / "cache"), top_k=vocab,
+                            batch_size=8, shard_size=20)
     manifest = run_cache_teacher(cache_cfg)
     assert manifest["num_samples"] == 48 and len(manifest["shards"]) == 3
     assert manifest["bytes_per_token"] == pytest.approx(8 * vocab + 4, rel=0.02)
 
-    loss = {"kd_weight": 1.0, "ce_weight": 0.2}
-    live = stage_config("mimic", tmp_path / "live", {"path": str(student_dir)}, scenes_world, teacher=teacher_dir,
-                        loss=loss, data={"cache_dir": str(tmp_path / "dc")})
-    cached = stage_config("mimic", tmp_path / "cached", {"path": str(student_dir)}, scenes_world,
+    cached = stage_config("mimic_dense", tmp_path / "cached", {"path": str(student_dir)}, scenes_world,
                           teacher_cache=str(tmp_path / "cache"), loss=loss, data={"cache_dir": str(tmp_path / "dc")})
-    run_distill(live)
-    run_distill(cached)
+    run_stage(live)
+    run_stage(cached)
     for a, b in zip(_logs(tmp_path / "live"), _logs(tmp_path / "cached")):
         assert a["kd"] == pytest.approx(b["kd"], rel=1e-4)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
@@ -70,22 +68,29 @@ def test_cached_teacher_with_k_equal_vocab_gives_the_live_teacher_run(tmp_path, 
     assert diff <= 1e-3 * update
 
     # A cache made for other data is refused, naming why.
-    other = stage_config("mimic", tmp_path / "other", {"path": str(student_dir)}, scenes_world,
+    other = stage_config("mimic_dense", tmp_path / "other", {"path": str(student_dir)}, scenes_world,
                          teacher_cache=str(tmp_path / "cache"), loss=loss, data={"max_length": 80})
     with pytest.raises(UserError, match="training data .* changed"):
-        run_distill(other)
+        run_stage(other)
+    # ... and so is one made at another KD temperature.
+    hotter = stage_config("mimic_dense", tmp_path / "hotter", {"path": str(student_dir)}, scenes_world,
+                          teacher_cache=str(tmp_path / "cache"), loss={**loss, "temperature": 2.0},
+                          data={"cache_dir": str(tmp_path / "dc")})
+    with pytest.raises(UserError, match="temperature"):
+        run_stage(hotter)
 
 
 def test_small_k_cache_is_smaller_and_trains(tmp_path, scenes_world, teacher_dir, student_dir):
-    data = {"train": [str(scenes_world / "train.json")], "max_length": 96}
-    cache_cfg = from_dict(CacheConfig, {"teacher": {"path": str(teacher_dir)}, "student": str(student_dir),
-                                        "data": data, "output_dir": str(tmp_path / "cache"), "top_k": 8})
-    manifest = run_cache_teacher(cache_cfg)
+    stage = stage_config("mimic_dense", tmp_path / "live", {"path": str(student_dir)}, scenes_world,
+                         teacher=teacher_dir, data={"cache_dir": None})
+    (tmp_path / "stage.yaml").write_text(dump_yaml(stage))
+    manifest = run_cache_teacher(CacheConfig(stage=str(tmp_path / "stage.yaml"), output_dir=str(tmp_path / "cache"),
+                                             top_k=8))
     # ids int32 + log-probs fp32 per top-k entry, + the target id; the rest is shard headers.
     assert 8 * 8 + 4 <= manifest["bytes_per_token"] < 8 * 8 + 4 + 16
-    cfg = stage_config("mimic", tmp_path / "run", {"path": str(student_dir)}, scenes_world,
-                       teacher_cache=str(tmp_path / "cache"), loss={"kd_weight": 1.0})
-    assert run_distill(cfg)["steps"] == 2
+    cfg = stage_config("mimic_dense", tmp_path / "run", {"path": str(student_dir)}, scenes_world,
+                       teacher_cache=str(tmp_path / "cache"), loss={"kd_weight": 1.0}, data={"cache_dir": None})
+    assert run_stage(cfg)["steps"] == 2
 
 
 def test_kd_with_a_teacher_that_has_more_image_tokens(tmp_path, scenes_world):
@@ -93,7 +98,7 @@ def test_kd_with_a_teacher_that_has_more_image_tokens(tmp_path, scenes_world):
     from modistill.data.conversations import load_conversations
     from modistill.losses.fused import fused_distill_loss
     from modistill.teacher.live import LiveTeacher
-    from modistill.train.forward import model_inputs, response_states
+    from modistill.runtime.inputs import model_inputs, response_states
 
     teacher, t_proc = build_vlm(vlm_spec(scenes_world, text_hidden=48, patch=8, seed=5))
     student, s_proc = build_vlm(vlm_spec(scenes_world, text_hidden=32, patch=16, seed=6))
@@ -137,7 +142,7 @@ def test_reference_precompute_equals_live(tmp_path, scenes_world, teacher_dir, s
         cfg = stage_config("preference", tmp_path / mode, {"path": str(moe_dir)}, scenes_world, teacher=teacher_dir,
                            reference=mode, loss={"beta": 0.1, "chosen_ce_weight": 0.1},
                            train={"learning_rate": 1e-3, "max_steps": 3})
-        run_preference(cfg)
+        run_stage(cfg)
         runs[mode] = _logs(tmp_path / mode)
     for a, b in zip(runs["precompute"], runs["live"]):
         for key in ("loss", "pref_loss", "rewards/chosen", "rewards/rejected", "rewards/margin"):
@@ -154,4 +159,4 @@ def test_reference_precompute_equals_live(tmp_path, scenes_world, teacher_dir, s
                        teacher=teacher_dir, loss={"beta": 0.1, "chosen_ce_weight": 0.1},
                        train={"learning_rate": 1e-3, "max_steps": 3})
     with pytest.raises(UserError, match="do not match this run \\(teacher_fingerprint"):
-        run_preference(cfg)
+        run_stage(cfg)

@@ -8,18 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modistill.config import from_dict
 from modistill.errors import UserError
 from modistill.models.load import load_model
-from modistill.recipes.distill import run_distill
-from modistill.recipes.preference import run_preference
-from modistill.train.config import StageConfig
-from modistill.train.groups import group_of
 from modistill.moe import sparse_blocks
+from modistill.runtime.groups import group_of
+from modistill.stages import run_stage, stage_from_dict
+from modistill.stages.mimic_dense import MimicTrainer
 from modistill.upcycle import upcycle
 
 
-def stage_config(stage: str, out, student: dict, world, teacher=None, **sections) -> StageConfig:
+def stage_config(stage: str, out, student: dict, world, teacher=None, **sections):
     data_file = "prefs.json" if stage == "preference" else "train.json"
     cfg = {
         "stage": stage,
@@ -37,7 +35,7 @@ def stage_config(stage: str, out, student: dict, world, teacher=None, **sections
             cfg[key].update(value)
         else:
             cfg[key] = value
-    return from_dict(StageConfig, cfg)
+    return stage_from_dict(cfg)
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
@@ -64,28 +62,28 @@ LLM = {"embeddings", "attention", "norms", "dense_mlp", "lm_head"}
 
 @pytest.mark.parametrize(
     "stage,loss,expected",
-    [("align", {"ce_weight": 1.0}, {"projector"}),
-     ("sft", {"ce_weight": 1.0}, {"projector"} | LLM),
-     ("mimic", {"kd_weight": 1.0}, {"projector"} | LLM)],
+    [("align", {}, {"projector"}),
+     ("sft", {}, {"projector"} | LLM),
+     ("mimic_dense", {"kd_weight": 1.0}, {"projector"} | LLM)],
 )
 def test_dense_stages_train_only_their_groups(stage, loss, expected, tmp_path, scenes_world, teacher_dir, student_dir):
     cfg = stage_config(stage, tmp_path / stage, {"path": str(student_dir)}, scenes_world,
-                       teacher=teacher_dir if stage == "mimic" else None, loss=loss)
-    metrics = run_distill(cfg)
+                       teacher=teacher_dir if stage == "mimic_dense" else None, loss=loss)
+    metrics = run_stage(cfg)
     assert metrics["steps"] == 2
     _assert_only_groups_changed(_weights(student_dir), _weights(tmp_path / stage), expected, set())
     # The output describes itself: resolved config, metrics, logs; checkpoints are cleaned up.
     assert (tmp_path / stage / "stage.yaml").is_file() and not (tmp_path / stage / "checkpoints").exists()
     logs = json.loads((tmp_path / stage / "log_history.json").read_text())
     assert [h["step"] for h in logs if "loss" in h] == [1, 2]
-    assert all(h["kd"] > 0 for h in logs if "loss" in h) == (stage == "mimic")
+    assert all(h.get("kd", 0) > 0 for h in logs if "loss" in h) == (stage == "mimic_dense")
 
 
 def test_sparse_stage_trains_experts_routers_and_dense_ffns(tmp_path, scenes_world, teacher_dir, student_dir):
-    student = {"path": str(student_dir), "upcycle": {"num_experts": 4, "top_k": 2, "seed": 3}}
-    cfg = stage_config("mimic", tmp_path / "s1b", student, scenes_world, teacher=teacher_dir,
+    cfg = stage_config("mimic_sparse", tmp_path / "s1b", {"path": str(student_dir)}, scenes_world,
+                       teacher=teacher_dir, upcycle={"num_experts": 4, "top_k": 2, "seed": 3},
                        loss={"kd_weight": 1.0, "ce_weight": 1.0, "balance_coef": 0.01})
-    run_distill(cfg)
+    run_stage(cfg)
     initial = upcycle(load_model(student_dir).model, 4, 2, "every-other", seed=3)
     before = {n: p.detach().clone() for n, p in initial.named_parameters()}
     after = _weights(tmp_path / "s1b")
@@ -105,7 +103,7 @@ def test_preference_stage_trains_only_its_groups(tmp_path, scenes_world, teacher
     loaded.processor.save_pretrained(moe_dir)
     cfg = stage_config("preference", tmp_path / "s2", {"path": str(moe_dir)}, scenes_world, teacher=teacher_dir,
                        loss={"beta": 0.1})
-    run_preference(cfg)
+    run_stage(cfg)
     _assert_only_groups_changed(_weights(moe_dir), _weights(tmp_path / "s2"),
                                 {"projector", "dense_mlp", "experts", "routers"}, {0})
     logs = [h for h in json.loads((tmp_path / "s2" / "log_history.json").read_text()) if "loss" in h]
@@ -115,22 +113,20 @@ def test_preference_stage_trains_only_its_groups(tmp_path, scenes_world, teacher
 @pytest.mark.parametrize("sparse", [False, True])
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, scenes_world, teacher_dir, student_dir,
                                                                monkeypatch, sparse):
-    from modistill.train.trainer import DistillTrainer
-
-    student = {"path": str(student_dir)}
-    if sparse:  # MoE checkpoints are saved with per-expert legacy names: resume must convert them back
-        student["upcycle"] = {"num_experts": 4, "top_k": 2}
+    # MoE checkpoints are saved with per-expert legacy names: resume must convert them back.
+    extra = {"upcycle": {"num_experts": 4, "top_k": 2}} if sparse else {}
 
     def cfg(out):
-        return stage_config("mimic", out, student, scenes_world, teacher=teacher_dir,
+        return stage_config("mimic_sparse" if sparse else "mimic_dense", out, {"path": str(student_dir)},
+                            scenes_world, teacher=teacher_dir, **extra,
                             loss={"kd_weight": 1.0, "ce_weight": 0.5},
                             train={"max_steps": 6, "save_steps": 2, "learning_rate": 3e-3,
                                    "lr_scheduler_type": "cosine", "warmup_steps": 1})
 
-    run_distill(cfg(tmp_path / "full"))
+    run_stage(cfg(tmp_path / "full"))
     reference = _weights(tmp_path / "full")
 
-    original_step = DistillTrainer.training_step
+    original_step = MimicTrainer.training_step
     calls = {"n": 0}
 
     def crashing_step(self, *args, **kwargs):
@@ -139,30 +135,30 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, scenes_
             raise RuntimeError("killed")
         return original_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(DistillTrainer, "training_step", crashing_step)
+    monkeypatch.setattr(MimicTrainer, "training_step", crashing_step)
     with pytest.raises(RuntimeError, match="killed"):
-        run_distill(cfg(tmp_path / "crash"))
-    monkeypatch.setattr(DistillTrainer, "training_step", original_step)
+        run_stage(cfg(tmp_path / "crash"))
+    monkeypatch.setattr(MimicTrainer, "training_step", original_step)
     checkpoints = tmp_path / "crash" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     # A checkpoint cut off while being written (no trainer_state.json) must not be resumed from.
     (checkpoints / "checkpoint-6").mkdir()
     (checkpoints / "checkpoint-6" / "model.safetensors").write_bytes(b"partial")
-    run_distill(cfg(tmp_path / "crash"))
+    run_stage(cfg(tmp_path / "crash"))
     resumed = _weights(tmp_path / "crash")
     for name, value in reference.items():
         assert torch.allclose(value, resumed[name], atol=1e-6, rtol=0), name
     # Finished: running again is a no-op that returns the stored metrics.
-    assert run_distill(cfg(tmp_path / "crash"))["steps"] == 6
+    assert run_stage(cfg(tmp_path / "crash"))["steps"] == 6
 
 
 def test_gradient_accumulation_does_not_change_the_update(tmp_path, scenes_world, teacher_dir, student_dir):
     def run(out, batch, accumulation):
-        cfg = stage_config("mimic", out, {"path": str(student_dir)}, scenes_world, teacher=teacher_dir,
+        cfg = stage_config("mimic_dense", out, {"path": str(student_dir)}, scenes_world, teacher=teacher_dir,
                            loss={"kd_weight": 1.0, "ce_weight": 0.3},
                            train={"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation,
                                   "max_grad_norm": 1e9, "learning_rate": 1e-3})
-        run_distill(cfg)
+        run_stage(cfg)
         logs = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
         return logs, _weights(out)
 
@@ -186,7 +182,7 @@ def test_nan_loss_stops_with_a_one_line_error(tmp_path, scenes_world, student_di
     config = tmp_path / "s0.yaml"
     config.write_text(
         f"stage: align\noutput_dir: {tmp_path / 'out'}\nstudent: {{path: {broken}}}\n"
-        f"data: {{train: [{scenes_world / 'train.json'}], max_length: 96}}\nloss: {{ce_weight: 1.0}}\n"
+        f"data: {{train: [{scenes_world / 'train.json'}], max_length: 96}}\n"
         "train: {max_steps: 2, per_device_train_batch_size: 4, disable_tqdm: true}\n"
     )
     from modistill.cli import main
@@ -210,17 +206,17 @@ def test_a_run_directory_holding_other_files_is_refused(tmp_path, scenes_world, 
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    cfg = stage_config("align", out, {"path": str(student_dir)}, scenes_world, loss={"ce_weight": 1.0})
+    cfg = stage_config("align", out, {"path": str(student_dir)}, scenes_world)
     with pytest.raises(UserError, match="holds other files"):
-        run_distill(cfg)
+        run_stage(cfg)
     with pytest.raises(UserError, match="refusing to delete"):
-        run_distill(cfg, fresh=True)
+        run_stage(cfg, fresh=True)
     assert (out / "notes.txt").read_text() == "keep me"
 
 
 def test_final_checkpoint_loads_as_plain_transformers(tmp_path, scenes_world, student_dir):
-    cfg = stage_config("align", tmp_path / "s0", {"path": str(student_dir)}, scenes_world, loss={"ce_weight": 1.0})
-    run_distill(cfg)
+    cfg = stage_config("align", tmp_path / "s0", {"path": str(student_dir)}, scenes_world)
+    run_stage(cfg)
     files = {p.name for p in (tmp_path / "s0").iterdir()}
     assert {"config.json", "model.safetensors", "processor_config.json", "stage.yaml", "metrics.json"} <= files
     state = load_file(str(tmp_path / "s0" / "model.safetensors"))

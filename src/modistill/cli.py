@@ -90,22 +90,14 @@ def _add_smoke(sub) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from modistill.train.config import load_stage_config
+    from modistill.stages import load_stage_config, run_stage
 
-    cfg = load_stage_config(args.config, args.overrides)
-    if cfg.stage == "preference":
-        from modistill.recipes.preference import run_preference
-
-        run_preference(cfg, fresh=args.fresh)
-    else:
-        from modistill.recipes.distill import run_distill
-
-        run_distill(cfg, fresh=args.fresh)
+    run_stage(load_stage_config(args.config, args.overrides), fresh=args.fresh)
     return 0
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="run a training stage from a YAML config (align, sft, mimic, preference)")
+    p = sub.add_parser("train", help="run a training stage from a YAML config (align, sft, mimic_dense, mimic_sparse, preference)")
     p.add_argument("config", help="stage YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.learning_rate=1e-5")
     p.add_argument("--fresh", action="store_true", help="discard this stage's previous run and start over")
@@ -113,8 +105,7 @@ def _add_train(sub) -> None:
 
 
 def _cmd_cache_teacher(args: argparse.Namespace) -> int:
-    from modistill.recipes.cache_teacher import run_cache_teacher
-    from modistill.train.config import load_cache_config
+    from modistill.stages.cache_teacher import load_cache_config, run_cache_teacher
 
     run_cache_teacher(load_cache_config(args.config, args.overrides), overwrite=args.overwrite)
     return 0
@@ -130,7 +121,7 @@ def _add_cache_teacher(sub) -> None:
 
 def _add_data(sub) -> None:
     from modistill.data.check import add_check_arguments, run_check_command
-    from modistill.data.scenes.build import add_scenes_arguments, run_scenes_command
+    from modistill.scenes.build import add_scenes_arguments, run_scenes_command
 
     p = sub.add_parser("data", help="datasets: generate the scenes world, check a dataset")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")

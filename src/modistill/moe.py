@@ -163,3 +163,9 @@ def expert_load(
         top1_rows.append(top1 / top1.sum().clamp_min(1))
         topk_rows.append(topk / topk.sum().clamp_min(1))
     return {"top1": torch.stack(top1_rows).cpu(), "topk": torch.stack(topk_rows).cpu()}
+
+
+def set_experts_implementation(model: nn.Module, name: str | None) -> None:
+    """Choose the experts kernel of an MoE model (no-op for dense models or `name=None`)."""
+    if name is not None and sparse_blocks(model):
+        language_model(model).set_experts_implementation(name)

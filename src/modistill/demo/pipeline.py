@@ -25,15 +25,15 @@ from typing import Any
 import yaml
 
 from modistill.config import to_dict
-from modistill.data.scenes.build import build_world
-from modistill.data.scenes.world import WorldConfig
+from modistill.scenes.build import build_world
+from modistill.scenes.world import WorldConfig
 from modistill.demo.plan import FULL, QUICK, DemoPlan, StagePlan
 from modistill.demo.report import summary_row, table_markdown, write_report
 from modistill.errors import UserError
 from modistill.eval.run import evaluate
 from modistill.io import write_json_atomic
 from modistill.models.load import MOE_TEXT_TYPES, load_config
-from modistill.train.config import load_stage_config
+from modistill.stages import load_stage_config, runner_of
 
 
 def _is_moe(model_dir: Path) -> bool:
@@ -88,10 +88,7 @@ class Demo:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         stage_cfg = load_stage_config(path)
         self._say(f"{name}  ({path.relative_to(self.out)})")
-        if stage_cfg.stage == "preference":
-            from modistill.recipes.preference import run_preference as run
-        else:
-            from modistill.recipes.distill import run_distill as run
+        run = runner_of(stage_cfg)
         if (Path(out_dir) / "metrics.json").is_file():  # finished earlier: the recipe only reloads it
             return run(stage_cfg)
         return self._timed(name, run, stage_cfg)
@@ -128,12 +125,11 @@ class Demo:
         train = [self.world / "train.json"]
         self.run_stage(self.out / "teacher-stage0", {
             "stage": "align", "output_dir": str(self.out / "teacher-stage0"), "student": {"build": build},
-            "data": self._data(train), "trainable": ["projector"], "loss": {"ce_weight": 1.0},
-            "train": self._train_args(p.teacher_align)})
+            "data": self._data(train), "trainable": ["projector"], "train": self._train_args(p.teacher_align)})
         # The tower starts random, so the teacher then trains everything (vision included).
         self.run_stage(self.out / "teacher", {
             "stage": "sft", "output_dir": str(self.out / "teacher"), "student": {"path": str(self.out / "teacher-stage0")},
-            "data": self._data(train), "trainable": ["vision", "projector", "llm"], "loss": {"ce_weight": 1.0},
+            "data": self._data(train), "trainable": ["vision", "projector", "llm"],
             "train": self._train_args(p.teacher_sft)})
         return self.out / "teacher"
 
@@ -153,22 +149,25 @@ class Demo:
         }
         self.run_stage(out_dir, {
             "stage": "align", "output_dir": str(out_dir), "student": {"build": build},
-            "data": self.student_data(), "loss": {"ce_weight": 1.0}, "train": self._train_args(p.student_align)})
+            "data": self.student_data(), "train": self._train_args(p.student_align)})
         return out_dir
 
     def mimic(self, out_dir: Path, base: Path, teacher: Path | None, sp: StagePlan, *, kd: float = 1.0,
               ce: float = 0.0, upcycle_top_k: int | None = None) -> Path:
-        """Stage 1a (dense KD), 1b (upcycle_top_k set: upcycle, then KD + CE + balance), or SFT (kd=0)."""
+        """Stage 1a (dense KD), 1b (upcycle_top_k set, or an MoE base: KD + CE + balance), or SFT (kd=0)."""
         student: dict[str, Any] = {"path": str(base)}
-        if upcycle_top_k is not None:
-            student["upcycle"] = {"num_experts": self.plan.num_experts, "top_k": upcycle_top_k,
-                                  "layers": "every-other", "seed": self.seed}
-        if upcycle_top_k is not None or _is_moe(base):
-            student["experts_implementation"] = "eager"  # ~15 % faster than grouped_mm on CPU (STACK.md)
-        cfg: dict[str, Any] = {
-            "stage": "mimic" if kd > 0 else "sft", "output_dir": str(out_dir), "student": student,
-            "data": self.student_data(), "loss": {"kd_weight": kd, "ce_weight": ce, "balance_coef": 0.01},
-            "train": self._train_args(sp)}
+        cfg: dict[str, Any] = {"output_dir": str(out_dir), "student": student, "data": self.student_data(),
+                               "train": self._train_args(sp)}
+        if kd == 0:
+            cfg["stage"] = "sft"
+        elif upcycle_top_k is not None or _is_moe(base):
+            upcycle = None if upcycle_top_k is None else {"num_experts": self.plan.num_experts, "top_k": upcycle_top_k,
+                                                          "layers": "every-other", "seed": self.seed}
+            student["experts_implementation"] = "eager"  # on CPUs ~15 % faster than grouped_mm
+            cfg.update(stage="mimic_sparse", upcycle=upcycle,
+                       loss={"kd_weight": kd, "ce_weight": ce, "balance_coef": 0.01})
+        else:
+            cfg.update(stage="mimic_dense", loss={"kd_weight": kd, "ce_weight": ce})
         if kd > 0:
             cfg["teacher"] = {"path": str(teacher)}
         self.run_stage(out_dir, cfg)
@@ -178,7 +177,7 @@ class Demo:
         if out_file.is_file():
             return out_file
         self._say(f"on-policy preference pairs: sample {model_dir.name}, label with the oracle")
-        from modistill.data.scenes.onpolicy import build_onpolicy_pairs
+        from modistill.demo.onpolicy import build_onpolicy_pairs
         from modistill.models.load import load_model
 
         p = self.plan

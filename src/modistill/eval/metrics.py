@@ -12,9 +12,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from modistill.data.scenes.oracle import answer_matches, caption_metrics, score_caption
-from modistill.data.scenes.text import QUESTION_TYPES
-from modistill.data.scenes.world import Scene
+from modistill.scenes.oracle import answer_matches, caption_metrics, score_caption
+from modistill.scenes.text import QUESTION_TYPES
+from modistill.scenes.world import Scene
 
 # ------------------------------------------------------------------------------------------ VQA
 _ARTICLES = {"a", "an", "the"}
@@ -170,7 +170,7 @@ def caption_hallucination(captions: Sequence[str], scenes: Sequence[Scene]) -> d
     response_hallucination = Object HalBench "response" rate / CHAIR_s, with unparseable responses
     counted as hallucinated; mention_hallucination = "mention" rate / CHAIR_i (hallucinated object
     mentions / all mentions); coverage (unparseable = 0); unparseable share. See
-    `modistill.data.scenes.oracle.caption_metrics` for the exact definitions."""
+    `modistill.scenes.oracle.caption_metrics` for the exact definitions."""
     if len(captions) != len(scenes):
         raise ValueError(f"lengths differ: {len(captions)} captions, {len(scenes)} scenes")
     return caption_metrics(score_caption(c, s) for c, s in zip(captions, scenes))

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from modistill.data.scenes.oracle import score_caption
-from modistill.data.scenes.world import Scene
+from modistill.scenes.oracle import score_caption
+from modistill.scenes.world import Scene
 from modistill.errors import UserError
 from modistill.eval.efficiency import measure_efficiency
 from modistill.eval.generate import check_vlm, generate_answers, load_image

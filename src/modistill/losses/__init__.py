@@ -8,21 +8,14 @@ from modistill.losses.divergence import (
     shift_for_next_token,
     teacher_topk_to_coarse,
 )
-from modistill.losses.fused import (
-    TeacherHidden,
-    TeacherLogits,
-    TeacherTopK,
-    chunked_token_logps,
-    fused_distill_loss,
-    topk_from_logits,
-)
+from modistill.losses.fused import chunked_token_logps, fused_distill_loss, topk_from_logits
+from modistill.losses.teachers import TeacherHidden, TeacherTopK
 from modistill.losses.preference import PREFERENCE_KINDS, preference_loss, sequence_logps
 
 __all__ = [
     "DIVERGENCE_KINDS",
     "PREFERENCE_KINDS",
     "TeacherHidden",
-    "TeacherLogits",
     "TeacherTopK",
     "chunked_token_logps",
     "coarse_logprobs",

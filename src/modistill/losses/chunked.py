@@ -24,15 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modistill.losses.divergence import IGNORE_INDEX, coarse_logprobs, per_token_divergence, teacher_topk_to_coarse
-
-
-def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
-    """fp32 logits [C, V]: the matmul runs in the model's dtype (as its own lm_head would); with
-    fp32 inputs they are written into ``out`` when given (a reused workspace buffer)."""
-    if out is None or hidden.dtype != torch.float32 or weight.dtype != torch.float32:
-        return F.linear(hidden, weight, bias).float()
-    torch.mm(hidden, weight.t(), out=out)
-    return out if bias is None else out.add_(bias)
+from modistill.losses.teachers import Teacher, TeacherHidden, TeacherTopK, head_logits
 
 
 class _Workspace:
@@ -58,22 +50,12 @@ def tempered(logits: Tensor, temperature: float) -> Tensor:
     return logits / temperature if temperature != 1.0 else logits
 
 
-def teacher_logits_of(form: str, a: Tensor, b: Tensor | None, c: Tensor | None, vocab: int) -> Tensor:
-    """The chunk's teacher logits [C, vocab] in fp32 ("logits" or "hidden" form), extra columns dropped."""
-    if form == "logits":
-        return a[:, :vocab].float()
-    return head_logits(a, b[:vocab], c[:vocab] if c is not None else None)
-
-
 def sums_from_logits(
     logits: Tensor,
     labels: Tensor | None,
     counted: Tensor,
-    teacher_a: Tensor | None,
-    teacher_b: Tensor | None,
-    teacher_c: Tensor | None,
+    teacher: Teacher | None,
     *,
-    teacher_form: str | None,
     kind: str,
     temperature: float,
     beta: float,
@@ -81,23 +63,21 @@ def sums_from_logits(
 ) -> Tensor:
     """[2] = (sum of KD over counted rows, sum of CE over labelled rows) for one chunk's fp32 logits.
 
-    teacher_a/b/c hold the chunk's teacher tensors: (logits,) for "logits", (hidden, weight, bias)
-    for "hidden", (ids, logprobs) for "topk".
+    teacher: the same chunk's rows of the teacher, or None (CE only).
     """
     vocab = logits.shape[-1]
     zero = logits.new_zeros(())
 
     kd_sum = zero
     student_logp_t1: Tensor | None = None  # the full log-softmax at T=1, reused by CE if it exists
-    if teacher_form is not None:
+    if teacher is not None:
         scaled = tempered(logits, temperature)
-        if teacher_form == "topk":
-            ids, topk_lp = teacher_a, teacher_b
-            student_logp = coarse_logprobs(scaled, ids)
-            teacher_logp = teacher_topk_to_coarse(topk_lp, full_vocab=ids.shape[-1] == vocab)
+        if isinstance(teacher, TeacherTopK):
+            student_logp = coarse_logprobs(scaled, teacher.ids)
+            teacher_logp = teacher_topk_to_coarse(teacher.logprobs, full_vocab=teacher.ids.shape[-1] == vocab)
         else:
             with torch.no_grad():
-                teacher_logits = teacher_logits_of(teacher_form, teacher_a, teacher_b, teacher_c, vocab)
+                teacher_logits = teacher.logits(vocab)
                 teacher_logp = F.log_softmax(tempered(teacher_logits, temperature), dim=-1)
             student_logp = F.log_softmax(scaled, dim=-1)
             if temperature == 1.0:
@@ -214,54 +194,45 @@ class Chunks:
     size: int
     labels: Tensor | None
     counted: Tensor
-    teacher_form: str | None
-    teacher: tuple[Tensor | None, Tensor | None, Tensor | None]
+    teacher: Teacher | None  # detached: the teacher is a constant
     sums_fn: Callable[..., Tensor]  # sums_from_logits with the loss options bound
     weights: tuple[float, float]  # (kd_weight, ce_weight)
     kind: str
     temperature: float
     vocab: int  # the student's
 
-    def _teacher(self, start: int, end: int) -> list[Tensor | None]:
-        teacher = [None if t is None else t[start:end] for t in self.teacher]
-        if self.teacher_form == "hidden":  # the teacher head weight and bias are shared by all rows
-            teacher[1], teacher[2] = self.teacher[1], self.teacher[2]
-        return teacher
+    def _teacher(self, start: int, end: int) -> Teacher | None:
+        return None if self.teacher is None else self.teacher.rows(start, end)
 
     def _labels(self, start: int, end: int) -> Tensor | None:
         return None if self.labels is None else self.labels[start:end]
 
     def sums(self, logits: Tensor, start: int, end: int) -> Tensor:
-        return self.sums_fn(logits, self._labels(start, end), self.counted[start:end], *self._teacher(start, end))
+        return self.sums_fn(logits, self._labels(start, end), self.counted[start:end], self._teacher(start, end))
 
     @property
     def has_closed_form(self) -> bool:
         """Forward KL (or no KD) against a full or top-k teacher; top-k covering the whole
         vocabulary (an empty rest bin) goes through the general path."""
-        if self.teacher_form is None:
+        if self.teacher is None:
             return True
         if self.kind != "forward_kl":
             return False
-        return self.teacher_form != "topk" or self.teacher[0].shape[-1] < self.vocab
+        return not isinstance(self.teacher, TeacherTopK) or self.teacher.ids.shape[-1] < self.vocab
 
     def closed_form(self, logits: Tensor, start: int, end: int, coefficients,
                     workspace: _Workspace) -> tuple[Tensor, Tensor | None] | None:
         """Sums and logit gradient in closed form (None: use the general path)."""
         rows = end - start
+        chunk = self._teacher(start, end)
         with torch.no_grad():
-            a, b, c = self._teacher(start, end)
-            vocab = logits.shape[-1]
-            if self.teacher_form == "topk":
-                teacher = ("topk", a, teacher_topk_to_coarse(b, full_vocab=False))
-            elif self.teacher_form is not None:
-                if self.teacher_form == "hidden":
-                    raw = head_logits(a, b[:vocab], c[:vocab] if c is not None else None, workspace.get("teacher", rows))
-                    raw = raw.div_(self.temperature) if self.temperature != 1.0 else raw
-                else:
-                    raw = tempered(a[:, :vocab].float(), self.temperature)
+            teacher: tuple[str, Tensor, Tensor | None] | None = None
+            if isinstance(chunk, TeacherTopK):
+                teacher = ("topk", chunk.ids, teacher_topk_to_coarse(chunk.logprobs, full_vocab=False))
+            elif isinstance(chunk, TeacherHidden):
+                raw = chunk.logits(logits.shape[-1], workspace.get("teacher", rows))
+                raw = raw.div_(self.temperature) if self.temperature != 1.0 else raw
                 teacher = ("full", torch.log_softmax(raw, dim=-1, out=workspace.get("teacher_logp", rows)), None)
-            else:
-                teacher = None
             return _closed_form(logits, teacher, self._labels(start, end), self.counted[start:end], self.temperature,
                                 coefficients, workspace)
 

@@ -14,7 +14,6 @@ The teacher is treated as a constant: its tensors are detached and its logits co
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -29,38 +28,7 @@ from modistill.losses.chunked import (
     sums_from_logits,
 )
 from modistill.losses.divergence import IGNORE_INDEX, _normaliser, check_coefficients, check_kind
-
-
-@dataclass
-class TeacherLogits:
-    """The teacher's full logits at the selected rows: logits [N, Vt], Vt >= student V."""
-
-    logits: Tensor
-
-
-@dataclass
-class TeacherHidden:
-    """The teacher's final hidden states and LM head; logits are computed chunk by chunk.
-
-    hidden [N, Ht], head_weight [Vt, Ht], head_bias [Vt] or None; Vt >= student V.
-    """
-
-    hidden: Tensor
-    head_weight: Tensor
-    head_bias: Tensor | None = None
-
-
-@dataclass
-class TeacherTopK:
-    """A cached sparse teacher: ids [N, k] long (distinct per row, < student V) and their
-    log-probs [N, k], normalised over the student-sized vocabulary at the distillation temperature
-    (see topk_from_logits)."""
-
-    ids: Tensor
-    logprobs: Tensor
-
-
-Teacher = TeacherLogits | TeacherHidden | TeacherTopK
+from modistill.losses.teachers import Teacher, TeacherHidden, TeacherTopK
 
 
 def _check_chunk_size(chunk_size: int) -> None:
@@ -89,12 +57,7 @@ def _check_teacher(teacher: Teacher, rows: int, vocab: int) -> None:
             f"teacher must cover every student token id"
         )
 
-    if isinstance(teacher, TeacherLogits):
-        if teacher.logits.dim() != 2 or teacher.logits.shape[0] != rows:
-            raise ValueError(f"teacher logits must be [{rows}, Vt], got {tuple(teacher.logits.shape)}")
-        if teacher.logits.shape[1] < vocab:
-            raise too_small(teacher.logits.shape[1])
-    elif isinstance(teacher, TeacherHidden):
+    if isinstance(teacher, TeacherHidden):
         _check_head(teacher.hidden, teacher.head_weight, teacher.head_bias, "teacher")
         if teacher.hidden.shape[0] != rows:
             raise ValueError(
@@ -126,7 +89,7 @@ def _check_teacher(teacher: Teacher, rows: int, vocab: int) -> None:
                 raise ValueError("teacher top-k ids must be distinct within each row")
     else:
         raise ValueError(
-            f"teacher must be TeacherLogits, TeacherHidden or TeacherTopK, got {type(teacher).__name__}"
+            f"teacher must be TeacherHidden or TeacherTopK, got {type(teacher).__name__}"
         )
 
 
@@ -155,7 +118,7 @@ def fused_distill_loss(
     Args:
         student_hidden: [N, H] (any float dtype; the loss is fp32).
         student_head_weight: [V, H] the student's LM head.
-        teacher: TeacherLogits / TeacherHidden / TeacherTopK for the same N rows, or None (only
+        teacher: TeacherHidden / TeacherTopK for the same N rows, or None (only
             with kd_weight == 0). Teacher columns beyond V are dropped before the softmax.
         labels: [N] int64 next-token ids or -100, or None (only with ce_weight == 0).
         kind, beta, alpha: divergence, see per_token_divergence.
@@ -196,28 +159,12 @@ def fused_distill_loss(
     else:
         counted = torch.ones(rows, dtype=torch.bool, device=student_hidden.device)
 
-    teacher_form: str | None = None
-    teacher_tensors: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None)
-    if isinstance(teacher, TeacherLogits):
-        teacher_form, teacher_tensors = "logits", (teacher.logits.detach(), None, None)
-    elif isinstance(teacher, TeacherHidden):
-        bias = teacher.head_bias.detach() if teacher.head_bias is not None else None
-        teacher_form = "hidden"
-        teacher_tensors = (teacher.hidden.detach(), teacher.head_weight.detach(), bias)
-    elif isinstance(teacher, TeacherTopK):
-        teacher_form = "topk"
-        teacher_tensors = (teacher.ids, teacher.logprobs.detach(), None)
-
     chunks = Chunks(
         size=chunk_size,
         labels=labels,
         counted=counted,
-        teacher_form=teacher_form,
-        teacher=teacher_tensors,
-        sums_fn=functools.partial(
-            sums_from_logits, teacher_form=teacher_form, kind=kind, temperature=temperature, beta=beta,
-            alpha=alpha,
-        ),
+        teacher=None if teacher is None else teacher.detached(),
+        sums_fn=functools.partial(sums_from_logits, kind=kind, temperature=temperature, beta=beta, alpha=alpha),
         weights=(kd_weight, ce_weight),
         kind=kind,
         temperature=temperature,

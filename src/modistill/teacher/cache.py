@@ -24,10 +24,11 @@ from safetensors.torch import save_file
 
 from modistill.errors import UserError
 from modistill.io import write_json_atomic
-from modistill.losses.fused import TeacherTopK, topk_from_logits
+from modistill.losses.fused import topk_from_logits
+from modistill.losses.teachers import TeacherTopK
 from modistill.teacher.fingerprint import data_fingerprint, tokenizer_fingerprint
 from modistill.teacher.live import check_aligned
-from modistill.train.forward import ResponseStates
+from modistill.runtime.inputs import ResponseStates
 
 FORMAT = "modistill-teacher-cache/1"
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from modistill.errors import UserError
-from modistill.losses.fused import TeacherHidden
-from modistill.train.forward import ResponseStates, model_inputs, output_head, response_states
+from modistill.losses.teachers import TeacherHidden
+from modistill.runtime.inputs import ResponseStates, model_inputs, output_head, response_states, to_model
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -43,16 +43,11 @@ class LiveTeacher:
         if device is not None:
             self.model.to(device)
         self.rows = student_vocab_rows
-        self.dtype = next(self.model.parameters()).dtype
 
     def forward(self, batch: dict) -> ResponseStates:
-        inputs, labels = model_inputs(batch, prefix="teacher_")
-        device = next(self.model.parameters()).device
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        inputs, labels = to_model(self.model, *model_inputs(batch, prefix="teacher_"))
         with torch.no_grad():
-            return response_states(self.model, inputs, labels.to(device))
+            return response_states(self.model, inputs, labels)
 
     def targets(self, batch: dict, student: ResponseStates) -> TeacherHidden:
         states = self.forward(batch)

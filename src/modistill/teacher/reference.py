@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from modistill.errors import UserError
 from modistill.io import atomic_output_dir, write_json_atomic
-from modistill.train.pairs import pair_inputs, pair_logps
+from modistill.runtime.inputs import frozen_pair_logps
 
 FORMAT = "modistill-reference-logps/1"
 
@@ -30,20 +30,13 @@ FORMAT = "modistill-reference-logps/1"
 def compute_reference(teacher, dataset, collator, batch_size: int, mode: str, pad_id: int,
                       chunk_size: int = 256) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Run the teacher over every pair once: sample ids, chosen logps [M], rejected logps [M]."""
-    device = next(teacher.parameters()).device
-    dtype = next(teacher.parameters()).dtype
     ids, chosen, rejected = [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False)
     for batch in tqdm(loader, desc="reference log-probs", unit="batch"):
-        inputs, labels = pair_inputs(batch, "teacher_", pad_id)
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        seq, _, _ = pair_logps(teacher, inputs, labels.to(device), mode, chunk_size)
-        half = len(seq) // 2
+        batch_chosen, batch_rejected = frozen_pair_logps(teacher, batch, pad_id, mode, chunk_size)
         ids.extend(str(i) for i in batch["sample_ids"])
-        chosen.append(seq[:half].float().cpu())
-        rejected.append(seq[half:].float().cpu())
+        chosen.append(batch_chosen.cpu())
+        rejected.append(batch_rejected.cpu())
     return ids, torch.cat(chosen), torch.cat(rejected)
 
 
@@ -86,3 +79,23 @@ class ReferenceStore:
         except KeyError as exc:
             raise UserError(f"sample {exc.args[0]}: no stored reference log-prob in {self.path}") from None
         return self.chosen[rows], self.rejected[rows]
+
+
+class StoredReference:
+    """The reference log-probs of a training batch, read from a `ReferenceStore`."""
+
+    def __init__(self, store: ReferenceStore):
+        self.store = store
+
+    def lookup_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.store.lookup(batch["sample_ids"])
+
+
+class LiveReference:
+    """The teacher run beside the student: the same numbers as a `ReferenceStore`, every step."""
+
+    def __init__(self, model, mode: str, pad_id: int, chunk_size: int):
+        self.model, self.mode, self.pad_id, self.chunk_size = model, mode, pad_id, chunk_size
+
+    def lookup_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return frozen_pair_logps(self.model, batch, self.pad_id, self.mode, self.chunk_size)

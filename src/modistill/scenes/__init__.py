@@ -4,8 +4,8 @@ world.py scene graphs and sampling · render.py images · text.py captions / que
 oracle.py parse and score model text · build.py write a world directory · tokenizer.py its tokenizer.
 """
 
-from modistill.data.scenes.build import add_scenes_arguments, build_world, run_scenes_command
-from modistill.data.scenes.oracle import (
+from modistill.scenes.build import add_scenes_arguments, build_world, run_scenes_command
+from modistill.scenes.oracle import (
     CaptionScore,
     Mention,
     answer_matches,
@@ -14,8 +14,8 @@ from modistill.data.scenes.oracle import (
     parse_caption,
     score_caption,
 )
-from modistill.data.scenes.tokenizer import train_tokenizer
-from modistill.data.scenes.world import Scene, SceneObject, World, WorldConfig
+from modistill.scenes.tokenizer import train_tokenizer
+from modistill.scenes.world import Scene, SceneObject, World, WorldConfig
 
 __all__ = [
     "CaptionScore",

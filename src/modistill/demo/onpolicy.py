@@ -13,9 +13,9 @@ import json
 import random
 from pathlib import Path
 
-from modistill.data.scenes.oracle import label_preference_pairs, score_caption
-from modistill.data.scenes.text import CAPTION_PROMPTS
-from modistill.data.scenes.world import Scene, World, WorldConfig
+from modistill.scenes.oracle import label_preference_pairs, score_caption
+from modistill.scenes.text import CAPTION_PROMPTS
+from modistill.scenes.world import Scene, World, WorldConfig
 from modistill.errors import UserError
 from modistill.eval.generate import generate_answers
 from modistill.io import write_json_atomic

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from modistill.data.scenes.world import PALETTE, Scene, SceneObject, WorldConfig
+from modistill.scenes.world import PALETTE, Scene, SceneObject, WorldConfig
 
 # Shape extent as a fraction of the cell side.
 SIZE_FRACTION = {"small": 0.5, "large": 0.88}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from modistill.data.scenes.world import (
+from modistill.scenes.world import (
     CAPTION_TASKS,
     Kind,
     KindStats,

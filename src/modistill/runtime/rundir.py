@@ -14,24 +14,20 @@ run killed while saving resumes from the previous complete checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
-import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from modistill.config import dump_yaml
 from modistill.errors import UserError
 from modistill.info import parameter_counts
 from modistill.io import write_json_atomic, write_text_atomic
-from modistill.models.build import build_vlm
-from modistill.models.load import load_model
-from modistill.train.config import StageConfig, StudentConfig
-from modistill.upcycle import upcycle
+from modistill.runtime.arguments import training_arguments
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -43,7 +39,7 @@ class RunDir:
     with :func:`open_run_dir` so the other ranks wait until the main process has set it up.
     """
 
-    def __init__(self, cfg: StageConfig, fresh: bool = False, is_main: bool = True):
+    def __init__(self, cfg: Any, fresh: bool = False, is_main: bool = True):
         self.cfg = cfg
         self.is_main = is_main
         self.path = Path(cfg.output_dir)
@@ -101,6 +97,15 @@ class RunDir:
     def metrics(self) -> dict:
         return json.loads((self.path / "metrics.json").read_text())
 
+    def save_final(self, trainer: Trainer, processor, extra: dict | None = None) -> dict:
+        """After training: the main process writes the final student and metrics; every rank waits."""
+        trainer.accelerator.wait_for_everyone()
+        metrics: dict = {}
+        if trainer.is_world_process_zero():
+            metrics = self.finalize(trainer.accelerator.unwrap_model(trainer.model), processor, trainer, extra)
+        trainer.accelerator.wait_for_everyone()
+        return metrics
+
     def finalize(self, model, processor, trainer, extra: dict | None = None) -> dict:
         """Write the final student (atomically per file), its log history, then metrics.json."""
         tmp = self.path / f".final-{uuid.uuid4().hex[:8]}"
@@ -129,90 +134,21 @@ class RunDir:
         return metrics
 
 
-def open_run_dir(cfg: StageConfig, args: TrainingArguments, fresh: bool = False) -> RunDir:
+def open_run_dir(cfg: Any, args: TrainingArguments, fresh: bool = False) -> RunDir:
     """The run directory, set up by the main process before any other rank looks at it."""
     with args.main_process_first(desc="run directory"):
         return RunDir(cfg, fresh=fresh, is_main=args.process_index == 0)
 
 
-def load_student(cfg: StudentConfig, dtype: torch.dtype = torch.float32):
-    """The student model and processor: loaded or built, then optionally upcycled."""
-    if cfg.path is not None:
-        loaded = load_model(cfg.path, dtype=dtype)
-        model, processor = loaded.model, loaded.processor
-    else:
-        model, processor = build_vlm(cfg.build, dtype=dtype)
-    if cfg.upcycle is not None:
-        u = cfg.upcycle
-        model = upcycle(model, u.num_experts, u.top_k, u.layers, router_std=u.router_std, seed=u.seed)
-    if cfg.experts_implementation is not None:
-        from modistill.moe import language_model
+def start_stage(cfg: Any, fresh: bool = False) -> tuple[TrainingArguments, RunDir]:
+    """A stage's first step: its TrainingArguments and run directory, and the seed set.
 
-        language_model(model).set_experts_implementation(cfg.experts_implementation)
-    return model, processor
-
-
-def first_samples(dataset, n: int | None):
-    """The first `n` samples (data.max_samples), or all of them."""
-    return dataset if n is None or n >= len(dataset) else dataset.select(range(n))
-
-
-class MaxTimeCallback(TrainerCallback):
-    """Stop (and save) once training has run for `seconds` — for equal-time comparisons."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.start = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.perf_counter() - self.start >= self.seconds:
-            control.should_training_stop = True
-            control.should_save = True
-        return control
-
-
-def training_arguments(cfg: StageConfig) -> TrainingArguments:
-    t = cfg.train
-    args = TrainingArguments(
-        output_dir=str(Path(cfg.output_dir) / "checkpoints"),
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        bf16=t.bf16,
-        fp16=t.fp16,
-        seed=t.seed,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        dataloader_num_workers=t.dataloader_num_workers,
-        activation_checkpointing=t.gradient_checkpointing,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        report_to=t.report_to,
-        disable_tqdm=t.disable_tqdm,
-        ddp_find_unused_parameters=t.ddp_find_unused_parameters,
-        fsdp=t.fsdp,
-        fsdp_config=t.fsdp_config,
-        deepspeed=t.deepspeed,
-        remove_unused_columns=False,  # our rows are raw samples; the collator renders them
-        label_names=["labels"],
-        use_cpu=t.use_cpu,
-    )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and args.world_size == 1:
-        # transformers then trains one full copy per process, each writing the same output_dir.
-        raise UserError(
-            f"launched with {launched} processes but training would not be distributed (no GPU per process): "
-            f"set train.use_cpu: true for data parallelism on CPUs"
-        )
-    return args
+    `run.done` tells that the stage finished earlier (its metrics are `run.metrics()`); an interrupted
+    run resumes from `run.resume_from`.
+    """
+    args = training_arguments(cfg.output_dir, cfg.train)
+    run = open_run_dir(cfg, args, fresh=fresh)
+    if run.done:
+        print(f"{cfg.output_dir}: stage already finished (metrics.json); use --fresh to run it again")
+    set_seed(cfg.train.seed)
+    return args, run

@@ -30,8 +30,8 @@ from typing import Any
 from tqdm import tqdm
 
 from modistill.config import apply_overrides, from_dict, load_yaml, to_dict
-from modistill.data.scenes.render import image_rng, render_scene
-from modistill.data.scenes.text import (
+from modistill.scenes.render import image_rng, render_scene
+from modistill.scenes.text import (
     CAPTION_PROMPTS,
     caption,
     corrupt_caption,
@@ -39,8 +39,8 @@ from modistill.data.scenes.text import (
     training_sample,
     vqa_questions,
 )
-from modistill.data.scenes.tokenizer import chat_text, train_tokenizer
-from modistill.data.scenes.world import CAPTION_TASKS, COL_WORDS, ROW_WORDS, KindStats, Scene, World, WorldConfig
+from modistill.scenes.tokenizer import chat_text, train_tokenizer
+from modistill.scenes.world import CAPTION_TASKS, COL_WORDS, ROW_WORDS, KindStats, Scene, World, WorldConfig
 from modistill.errors import UserError
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from modistill.data.preferences import load_preferences
-from modistill.data.scenes.onpolicy import build_onpolicy_pairs, read_train_scenes
-from modistill.data.scenes.oracle import score_caption
+from modistill.demo.onpolicy import build_onpolicy_pairs, read_train_scenes
+from modistill.scenes.oracle import score_caption
 from modistill.models.load import load_model
 
 

@@ -11,6 +11,9 @@ Groups (by parameter name; the language model may sit inside a Llava wrapper):
     routers     MoE routers
     lm_head     the output projection
     llm         every group of the language model (embeddings ... lm_head)
+
+Each stage's config holds its default groups (the paper's table: stage 0 the projector, 1a the LLM +
+projector, 1b and 2 experts, routers, dense FFNs and projector).
 """
 
 from __future__ import annotations
@@ -24,24 +27,6 @@ from modistill.moe import sparse_blocks
 
 GROUPS = ("vision", "projector", "embeddings", "attention", "norms", "dense_mlp", "experts", "routers", "lm_head")
 LLM_GROUPS = ("embeddings", "attention", "norms", "dense_mlp", "experts", "routers", "lm_head")
-
-# Stage defaults (METHOD.md's table). Dense students in 1a train the whole LLM; MoE students in
-# 1b / 2 train experts, routers, dense FFNs and the projector, with attention/embeddings/head frozen.
-DEFAULT_TRAINABLE = {
-    "align": ["projector"],
-    "sft": ["projector", "llm"],
-    "mimic_dense": ["projector", "llm"],
-    "mimic_moe": ["projector", "dense_mlp", "experts", "routers"],
-    "preference_dense": ["projector", "llm"],
-    "preference_moe": ["projector", "dense_mlp", "experts", "routers"],
-}
-
-
-def default_trainable(stage: str, is_moe: bool) -> list[str]:
-    if stage in ("mimic", "preference"):
-        return DEFAULT_TRAINABLE[f"{stage}_{'moe' if is_moe else 'dense'}"]
-    return DEFAULT_TRAINABLE[stage]
-
 
 def group_of(name: str, sparse_layers: set[int]) -> str:
     """The group a parameter belongs to, from its name."""

@@ -17,14 +17,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from modistill.data.scenes.text import (
+from modistill.scenes.text import (
     NUMBER_WORDS,
     PLURALS,
     caption,
     caption_style_of,
     corrupt_caption,
 )
-from modistill.data.scenes.world import COL_WORDS, PALETTE, ROW_WORDS, SHAPES, SIZES, Scene, SceneObject, World, WorldConfig
+from modistill.scenes.world import COL_WORDS, PALETTE, ROW_WORDS, SHAPES, SIZES, Scene, SceneObject, World, WorldConfig
 
 _SINGULAR = {plural: shape for shape, plural in PLURALS.items()}
 _SYNONYMS = {"centre": "center", "big": "large", "little": "small", "grey": "gray"}

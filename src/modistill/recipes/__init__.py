@@ -1,1 +1,0 @@
-"""One readable entry per stage: config -> models -> data -> loop -> checkpoint."""

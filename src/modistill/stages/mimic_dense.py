@@ -1,0 +1,139 @@
+"""Stage 1a, dense→dense mimic distillation: the dense student learns the teacher's token distributions.
+
+    modistill train configs/llava-mod-2b/stage1a_dense.yaml [key=value ...]
+
+    loss = kd_weight · KD(teacher ‖ student) + ce_weight · CE        (paper: KD only)
+
+KD is a divergence between the teacher's and the student's next-token distributions at every
+response position (shifted: the state at t predicts token t+1), summed and divided by the response
+tokens of the whole accumulated batch, in fp32. The teacher is frozen: a live model beside the
+student (`teacher`) or its top-k cache from `modistill cache-teacher` (`teacher_cache`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from modistill.data.conversations import load_conversations
+from modistill.errors import UserError
+from modistill.losses.fused import fused_distill_loss
+from modistill.moe import sparse_blocks
+from modistill.runtime.arguments import callbacks_for, first_samples
+from modistill.runtime.config import DataConfig, StudentConfig, TeacherConfig, TrainArgs
+from modistill.runtime.groups import set_trainable
+from modistill.runtime.inputs import output_head
+from modistill.runtime.rundir import start_stage
+from modistill.runtime.student import load_student
+from modistill.runtime.trainer import StageTrainer, check_finite
+from modistill.teacher.live import LiveTeacher
+from modistill.teacher.source import TeacherSource, open_teacher
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"]
+
+
+@dataclass
+class KDLoss:
+    kd_weight: float = 1.0
+    divergence: Divergence = "forward_kl"  # see modistill.losses.divergence
+    temperature: float = 1.0  # on student and teacher logits for KD (no T² factor); CE is at T=1
+    jsd_beta: float = 0.5  # jsd: 0 = forward KL, 1 = reverse KL (TRL's convention)
+    skew_alpha: float = 0.1  # skew_kl / skew_reverse_kl mixing weight
+    ce_weight: float = 0.0
+    # Positions per chunk of the fused LM-head + loss (full-vocabulary logits never exist at once).
+    chunk_size: int = 256
+
+
+@dataclass
+class MimicDenseConfig:
+    output_dir: str
+    student: StudentConfig
+    data: DataConfig
+    stage: Literal["mimic_dense"] = "mimic_dense"
+    teacher: TeacherConfig | None = None
+    # A `modistill cache-teacher` directory: read the teacher's top-k log-probs instead of running it.
+    teacher_cache: str | None = None
+    trainable: list[str] = field(default_factory=lambda: ["projector", "llm"])  # groups: modistill.runtime.groups
+    loss: KDLoss = field(default_factory=KDLoss)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    keep_checkpoints: bool = False  # keep Trainer checkpoints after the final save
+
+    def __post_init__(self) -> None:
+        if self.teacher is None and self.teacher_cache is None:
+            raise ValueError(f"stage {self.stage!r} distils: give `teacher` (a model directory) or `teacher_cache`")
+        if not self.loss.kd_weight > 0:
+            raise ValueError(f"stage {self.stage!r}: loss.kd_weight must be > 0 (for CE alone use stage: sft)")
+
+
+class MimicTrainer(StageTrainer):
+    """KD (+ CE) from the student's response states; `teacher` gives the teacher's side of the same rows."""
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the accumulated batch's token count itself
+
+    def __init__(self, *args, loss_config: KDLoss, teacher: TeacherSource, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_config = loss_config
+        self.teacher = teacher
+
+    def kd_loss(self, model, inputs, num_items_in_batch):
+        """(loss, student inputs): KD + CE, normalised by the accumulated batch's response tokens."""
+        cfg = self.loss_config
+        student_inputs, states = self.student_states(model, inputs)
+        teacher_target = self.teacher.targets(inputs, states)
+        weight, bias = output_head(model)
+        num_items = num_items_in_batch if num_items_in_batch is not None else states.targets.numel()
+        losses = fused_distill_loss(
+            states.hidden, weight, teacher=teacher_target, labels=states.targets, kind=cfg.divergence,
+            temperature=cfg.temperature, ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight,
+            chunk_size=cfg.chunk_size, num_items=num_items, student_head_bias=bias,
+            beta=cfg.jsd_beta, alpha=cfg.skew_alpha,
+        )
+        # Logged per token: the normalised losses times the normaliser are this micro-batch's sums.
+        tokens = states.targets.numel()
+        self.record("kd", losses["kd"].item() * float(num_items), tokens)
+        self.record("ce", losses["ce"].item() * float(num_items), tokens)
+        self.count_tokens(student_inputs["attention_mask"])
+        return self.across_devices(losses["loss"], num_items_in_batch), student_inputs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, _ = self.kd_loss(model, inputs, num_items_in_batch)
+        check_finite(loss, self.state.global_step, inputs.get("sample_ids", []))
+        return (loss, None) if return_outputs else loss
+
+
+def run(cfg: MimicDenseConfig, fresh: bool = False) -> dict:
+    # 1. Config and run directory: a finished stage is skipped, an interrupted one resumes.
+    args, run_dir = start_stage(cfg, fresh)
+    if run_dir.done:
+        return run_dir.metrics()
+
+    # 2. Models: the dense student (trainable groups), and the frozen teacher or its cache.
+    student, processor = load_student(cfg.student)
+    if sparse_blocks(student):
+        raise UserError(f"{cfg.student.path}: the student is an MoE; stage mimic_dense trains a dense student "
+                        f"(use stage: mimic_sparse)")
+    trainable = set_trainable(student, cfg.trainable)
+    rows = student.get_output_embeddings().weight.shape[0]
+    teacher, teacher_processor = open_teacher(cfg.teacher, cfg.teacher_cache, processor, rows, cfg.data,
+                                              cfg.loss.temperature)
+
+    # 3. Data: validated up front; a teacher with another processor gets its own rendering.
+    data = load_conversations(
+        cfg.data.train, image_root=cfg.data.image_root, processor=processor, max_length=cfg.data.max_length,
+        on_bad_sample=cfg.data.on_bad_sample, report_dir=cfg.output_dir, teacher_processor=teacher_processor,
+        cache_dir=cfg.data.cache_dir,
+    )
+    dataset = first_samples(data.dataset, cfg.data.max_samples)
+
+    # 4. Train: the teacher sits on the student's device, for inference only.
+    trainer = MimicTrainer(
+        model=student, args=args, train_dataset=dataset, data_collator=data.collator(),
+        processing_class=processor, loss_config=cfg.loss, teacher=teacher, callbacks=callbacks_for(cfg.train),
+    )
+    if isinstance(teacher, LiveTeacher):
+        teacher.model.to(trainer.accelerator.device)
+    trainer.train(resume_from_checkpoint=run_dir.resume_from)
+
+    # 5. Save: a plain transformers checkpoint (never with the teacher), the resolved config, the metrics.
+    return run_dir.save_final(trainer, processor,
+                              {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)})

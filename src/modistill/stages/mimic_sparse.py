@@ -1,0 +1,125 @@
+"""Stage 1b, dense→sparse mimic distillation: upcycle the student into an MoE, then distil.
+
+    modistill train configs/llava-mod-2b/stage1b_sparse.yaml [key=value ...]
+
+Upcycling (`upcycle` below) copies the dense FFN of every chosen layer into E experts behind a new
+top-k router; with identical experts and renormalised top-k weights the MoE starts as exactly the
+dense model. Then:
+
+    loss = kd_weight · KD(teacher ‖ student) + ce_weight · CE + balance_coef · Σ_layers balance
+
+KD and CE are stage 1a's (`MimicTrainer.kd_loss`). The balance loss is the Switch/GShard
+E·Σ_e P_e·f_e of each MoE layer (transformers' `load_balancing_loss_func`), counted once per step.
+Attention, embeddings and the LM head stay frozen; experts, routers, dense FFNs and the projector learn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from modistill.data.conversations import load_conversations
+from modistill.errors import UserError
+from modistill.moe import RouterLogitsCollector, balance_loss, expert_load, set_experts_implementation, sparse_blocks
+from modistill.moe import top_k_of
+from modistill.runtime.arguments import callbacks_for, first_samples
+from modistill.runtime.config import UpcycleSpec
+from modistill.runtime.groups import set_trainable
+from modistill.runtime.rundir import start_stage
+from modistill.runtime.student import load_student
+from modistill.runtime.trainer import check_finite
+from modistill.stages.mimic_dense import KDLoss, MimicDenseConfig, MimicTrainer
+from modistill.teacher.live import LiveTeacher
+from modistill.teacher.source import open_teacher
+from modistill.upcycle import upcycle
+
+
+@dataclass
+class SparseKDLoss(KDLoss):
+    ce_weight: float = 1.0  # the paper's stage 1b adds CE on the dataset responses
+    balance_coef: float = 0.01
+
+
+@dataclass
+class MimicSparseConfig(MimicDenseConfig):
+    stage: Literal["mimic_sparse"] = "mimic_sparse"  # type: ignore[assignment]  # narrower than 1a's
+    # How to upcycle the dense student; null when `student.path` is already sparse.
+    upcycle: UpcycleSpec | None = field(default_factory=UpcycleSpec)
+    trainable: list[str] = field(default_factory=lambda: ["projector", "dense_mlp", "experts", "routers"])
+    loss: SparseKDLoss = field(default_factory=SparseKDLoss)
+
+
+class SparseMimicTrainer(MimicTrainer):
+    """Stage 1a's KD + CE, plus the router balance loss; logs each MoE layer's expert load."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.router_collector = RouterLogitsCollector(self.model)  # LlavaModel returns no router logits
+        self._load_sum = None
+        self._load_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, student_inputs = self.kd_loss(model, inputs, num_items_in_batch)
+        router_logits = self.router_collector.pop()
+        mask = student_inputs["attention_mask"]
+        balance = balance_loss(self.model, router_logits, mask)
+        # Once per optimizer step: the Trainer does not divide this loss by the accumulation steps.
+        loss = loss + self.loss_config.balance_coef * balance / self.current_gradient_accumulation_steps
+        self.record("balance", balance.item())
+        load = expert_load(router_logits, top_k_of(self.model), mask)["top1"]
+        self._load_sum = load if self._load_sum is None else self._load_sum + load
+        self._load_count += 1
+        check_finite(loss, self.state.global_step, inputs.get("sample_ids", []))
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self._load_sum is not None:
+            load = self._load_sum / self._load_count
+            for layer, row in zip(sorted(sparse_blocks(self.model)), load):
+                for expert, share in enumerate(row.tolist()):
+                    logs[f"load/L{layer}/E{expert}"] = share
+            logs["load/max_share"] = float(load.max())
+            self._load_sum, self._load_count = None, 0
+        super().log(logs, *args, **kwargs)
+
+
+def run(cfg: MimicSparseConfig, fresh: bool = False) -> dict:
+    # 1. Config and run directory: a finished stage is skipped, an interrupted one resumes.
+    args, run_dir = start_stage(cfg, fresh)
+    if run_dir.done:
+        return run_dir.metrics()
+
+    # 2. Models: the dense student, upcycled into an MoE here; the frozen teacher or its cache.
+    student, processor = load_student(cfg.student)
+    if cfg.upcycle is not None:
+        u = cfg.upcycle
+        student = upcycle(student, u.num_experts, u.top_k, u.layers, router_std=u.router_std, seed=u.seed)
+        set_experts_implementation(student, cfg.student.experts_implementation)
+    if not sparse_blocks(student):
+        raise UserError(f"{cfg.student.path}: stage mimic_sparse needs an MoE student: set `upcycle` "
+                        f"(e.g. {{num_experts: 4, top_k: 2}}) or give an upcycled model")
+    trainable = set_trainable(student, cfg.trainable)
+    rows = student.get_output_embeddings().weight.shape[0]
+    teacher, teacher_processor = open_teacher(cfg.teacher, cfg.teacher_cache, processor, rows, cfg.data,
+                                              cfg.loss.temperature)
+
+    # 3. Data: validated up front; a teacher with another processor gets its own rendering.
+    data = load_conversations(
+        cfg.data.train, image_root=cfg.data.image_root, processor=processor, max_length=cfg.data.max_length,
+        on_bad_sample=cfg.data.on_bad_sample, report_dir=cfg.output_dir, teacher_processor=teacher_processor,
+        cache_dir=cfg.data.cache_dir,
+    )
+    dataset = first_samples(data.dataset, cfg.data.max_samples)
+
+    # 4. Train: the teacher sits on the student's device, for inference only.
+    trainer = SparseMimicTrainer(
+        model=student, args=args, train_dataset=dataset, data_collator=data.collator(),
+        processing_class=processor, loss_config=cfg.loss, teacher=teacher, callbacks=callbacks_for(cfg.train),
+    )
+    if isinstance(teacher, LiveTeacher):
+        teacher.model.to(trainer.accelerator.device)
+    trainer.train(resume_from_checkpoint=run_dir.resume_from)
+
+    # 5. Save: a plain transformers MoE checkpoint (Qwen3-MoE / Qwen2-MoE / Mixtral inside Llava).
+    return run_dir.save_final(trainer, processor,
+                              {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)})
