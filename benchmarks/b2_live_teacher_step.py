@@ -1,7 +1,7 @@
 """B2: a live-teacher KD training step vs (student CE step + teacher forward), and the peers on the same batch.
 
 Text-only Qwen3 student (hidden 256 x 4 layers) and teacher (hidden 512 x 6 layers), vocabulary
-151,936, batch 4 x 512, fp32 (STACK.md's peer set-up). Every token of the batch is a response token
+151,936, batch 4 x 512, fp32 (the peer set-up of benchmarks/RESULTS.md). Every token of the batch is a response token
 (no prompt), so the CE step's full logits and the KD path's response rows cover the same positions.
 Variants, each a whole step (forward, backward, clip, AdamW step):
 - student CE step: transformers' Trainer with the model's own loss (full logits);

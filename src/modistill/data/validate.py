@@ -60,10 +60,11 @@ SKIP_REPORT = "skipped.jsonl"
 class SampleProblem(Exception):
     """Raised while reading or rendering one sample; becomes a `Problem` once its location is known."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", image: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.image = image  # the image at fault, for BAD_IMAGE
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Problem:
     sample_id: str
     reason: str
     detail: str = ""
+    image: str | None = None  # the image at fault (BAD_IMAGE): a cached outcome is stale once it is fixed
 
     def message(self, with_fix: bool = True) -> str:
         text = f"{self.file}:{self.line}: sample {self.sample_id}: {self.reason}"
@@ -253,7 +255,7 @@ def check_images(paths: list[str]) -> None:
     for p in paths:
         why = image_problem(p)
         if why is not None:
-            raise SampleProblem(BAD_IMAGE, why)
+            raise SampleProblem(BAD_IMAGE, why, image=p)
 
 
 # ---------------------------------------------------------------- statistics and the bad-sample policy
@@ -386,13 +388,13 @@ def scan_files(
             try:
                 row = handle(rec)
             except SampleProblem as exc:
-                policy.add(Problem(rec.file, rec.line, rec.sample_id(), exc.reason, exc.detail))
+                policy.add(Problem(rec.file, rec.line, rec.sample_id(), exc.reason, exc.detail, exc.image))
                 continue
             yield row
 
 
 # Bump when what a cached dataset holds (row layout, checks) changes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: problems record the image at fault
 
 
 class _NoSample(Exception):
@@ -449,7 +451,7 @@ def build_dataset(
     problems = problems_from_json(saved["problems"]) if saved else []
     # The cache key holds the data files, not the images: a missing image that now exists means
     # the user fixed it, so the cached outcome is stale. (Images that vanished fail at collate time.)
-    fixed = any(p.reason == BAD_IMAGE and image_problem(_image_path_of(p.detail)) is None for p in problems)
+    fixed = any(p.image is not None and image_problem(p.image) is None for p in problems)
     if saved is None or fixed:
         if _rebuilding:
             raise UserError(f"cannot rebuild the cached dataset under {root}; remove it or pass another cache_dir")
@@ -460,13 +462,6 @@ def build_dataset(
         setattr(stats, key, value)
     policy.problems = problems
     return ds
-
-
-def _image_path_of(detail: str) -> str:
-    """The path in a BAD_IMAGE detail (as written by `image_problem`)."""
-    if detail.endswith(NOT_FOUND):
-        return detail[: -len(NOT_FOUND)]
-    return detail.split(UNDECODABLE)[0]
 
 
 def _drop_cached(ds: Dataset) -> None:

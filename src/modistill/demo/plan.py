@@ -48,8 +48,8 @@ class DemoPlan:
     pref_samples: int = 4
     # ~2 passes over the pairs. At 5e-5 the reward margin never turned positive (reward accuracy
     # 0.25-0.44); 1e-4 / 3e-4 / 1e-3 for 100 steps gave sampled hallucination 0.667 / 0.652 / 0.667
-    # (1b student: 0.82) with VQA 0.46 / 0.45 / 0.435: 2e-4 sits in the flat part (DEMO-NOTES: ~20
-    # passes at 1e-4 collapsed the model).
+    # (1b student: 0.82) with VQA 0.46 / 0.45 / 0.435: 2e-4 sits in the flat part (in early calibration,
+    # ~20 passes at 1e-4 collapsed the model).
     stage2: StagePlan = field(default_factory=lambda: StagePlan(100, 2e-4))
     pref_beta: float = 0.1
     pref_chosen_ce: float = 0.2

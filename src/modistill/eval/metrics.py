@@ -2,7 +2,7 @@
 
 Every function takes predictions (strings) and gold data and returns plain dicts of floats, so the
 numbers can be checked by hand in tests and written to JSON as they are. Unparseable output always
-counts as a failure (DEMO-NOTES: a collapsed model's "a . . ." must not score as faithful).
+counts as a failure (a collapsed model's "a . . ." must not score as faithful).
 """
 
 from __future__ import annotations

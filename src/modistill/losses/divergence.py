@@ -145,7 +145,7 @@ def shift_for_next_token(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
 
     The logits at position t predict token t+1, so the pairs are ``logits[:, :-1]`` with
     ``labels[:, 1:]`` and the KD mask is ``labels[:, 1:] != -100``. (LLaVA-MoD's official code
-    masks the unshifted logits with the unshifted labels, an off-by-one; see METHOD.md.)
+    masks the unshifted logits with the unshifted labels, an off-by-one; see docs/method.md.)
 
     Args:
         logits: [B, T, V].

@@ -1,6 +1,6 @@
 """Preference-distillation losses on sequence log-probs (LLaVA-MoD stage 2).
 
-The policy is the sparse student, the reference the frozen dense teacher (METHOD.md). Every
+The policy is the sparse student, the reference the frozen dense teacher (docs/method.md). Every
 function takes per-sequence log-probs, so the teacher's two numbers per pair can be precomputed.
 """
 

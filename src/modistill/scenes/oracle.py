@@ -6,7 +6,7 @@ when no object of the scene matches it on the attributes it states (objects are 
 so "a red circle and a red circle" with one red circle in the image has one hallucinated mention).
 
 Unparseable output (empty, garbage, dangling words without any shape) is reported as such; callers
-must count it as a failure, never as "no hallucination" (DEMO-NOTES: a collapsed preference model
+must count it as a failure, never as "no hallucination" (in an early calibration run a collapsed preference model
 emitted "a . . ." and would otherwise have scored a perfect hallucination rate).
 """
 

@@ -68,7 +68,7 @@ CAPTION_TASKS = ("caption_brief", "caption", "caption_detailed")
 
 
 def _default_task_mix() -> dict[str, float]:
-    # DEMO-NOTES: yes/no stays at chance unless questions are >= 50-60 % of the data, existence
+    # In early calibration runs yes/no stayed at chance unless questions were >= 50-60 % of the data, existence
     # questions prominently among them. Here: captions 40 %, existence 30 %, other questions 30 %.
     return {
         "caption_brief": 0.10,
