@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from modistill.data.preferences import load_preferences
@@ -10,6 +12,7 @@ from modistill.scenes.oracle import score_caption
 from modistill.models.load import load_model
 
 
+@pytest.mark.slow
 def test_pairs_are_oracle_labelled_and_load_as_preference_data(tmp_path, scenes_world, teacher_dir):
     loaded = load_model(teacher_dir)  # a random model: its samples are garbage, so fallbacks are exercised
     out = tmp_path / "prefs.json"

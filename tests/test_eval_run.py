@@ -51,6 +51,7 @@ def _files(world):
     return {k: world / "eval" / f"{k}.jsonl" for k in ("vqa", "pope", "captions")}
 
 
+@pytest.mark.slow
 def test_evaluate_all_three_kinds_returns_every_metric(world, loaded, tmp_path):
     out = tmp_path / "res.json"
     res = evaluate(loaded, list(_files(world).values()), out, batch_size=8, max_new_tokens=6, caption_samples=2,
@@ -86,6 +87,7 @@ def test_evaluate_all_three_kinds_returns_every_metric(world, loaded, tmp_path):
     assert written["predictions"]["captions"][0]["prediction"] == res["predictions"]["captions"][0]["prediction"]
 
 
+@pytest.mark.slow
 def test_left_padded_batches_generate_what_single_prompts_do(world, loaded):
     es = load_eval_file(world / "eval" / "vqa.jsonl", limit=12)
     items = [{"image": r["image"], "text": r["text"]} for r in es.rows]

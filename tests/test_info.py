@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -32,6 +34,7 @@ def test_activated_parameters_match_a_hand_count():
     assert counts["vision"] == counts["projector"] == 0
 
 
+@pytest.mark.slow
 def test_info_cli_on_an_upcycled_vlm(tok_dir, tmp_path):
     model, processor = build_vlm(tiny_spec(tok_dir, layers=2))
     moe = upcycle(model, num_experts=4, top_k=2)

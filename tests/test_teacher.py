@@ -40,6 +40,7 @@ def test_vocab_checks(scenes_world):
         check_vocab_compatible(tok, other, n, n)
 
 
+@pytest.mark.slow
 def test_cached_teacher_with_k_equal_vocab_gives_the_live_teacher_run(tmp_path, scenes_world, teacher_dir, student_dir):
     vocab = load_model(student_dir).model.get_output_embeddings().weight.shape[0]
     loss = {"kd_weight": 1.0, "ce_weight": 0.2}
@@ -80,6 +81,7 @@ def test_cached_teacher_with_k_equal_vocab_gives_the_live_teacher_run(tmp_path, 
         run_stage(hotter)
 
 
+@pytest.mark.slow
 def test_small_k_cache_is_smaller_and_trains(tmp_path, scenes_world, teacher_dir, student_dir):
     stage = stage_config("mimic_dense", tmp_path / "live", {"path": str(student_dir)}, scenes_world,
                          teacher=teacher_dir, data={"cache_dir": None})
@@ -130,6 +132,7 @@ def test_kd_with_a_teacher_that_has_more_image_tokens(tmp_path, scenes_world):
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_reference_precompute_equals_live(tmp_path, scenes_world, teacher_dir, student_dir):
     from modistill.upcycle import upcycle
 

@@ -110,6 +110,7 @@ def test_preference_stage_trains_only_its_groups(tmp_path, scenes_world, teacher
     assert {"rewards/margin", "rewards/accuracy", "balance"} <= set(logs[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sparse", [False, True])
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, scenes_world, teacher_dir, student_dir,
                                                                monkeypatch, sparse):

@@ -106,6 +106,7 @@ def test_bad_arguments_are_refused():
         upcycle(_dense_lm("llama"), layers="every-other")
 
 
+@pytest.mark.slow
 def test_cli_output_reloads_without_modistill_and_generates(tiny_vlm_dir, tmp_path):
     out = tmp_path / "moe"
     result = run_cli("upcycle", "--model", str(tiny_vlm_dir), "--out", str(out), "--num-experts", "4",

@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, cast, Literal, TypeVar, Union
 
 import yaml
 
@@ -71,7 +71,7 @@ def from_dict(cls: type[T], data: Any, source: str = "<config>", _path: str = ""
         return data
     if not isinstance(data, dict):
         raise UserError(f"{source}: {where} must be a mapping, got {_describe(data)}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cast(Any, cls)) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
         prefix = f"{_path}." if _path else ""
@@ -123,7 +123,7 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
             raise UserError(f"{source}: {path}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
         return value
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, source, path)
+        return from_dict(cast(type, tp), value, source, path)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             # A single value where a list is expected is a one-element list (e.g. `train: a.json`).

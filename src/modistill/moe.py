@@ -8,6 +8,8 @@ it once on all layers would pool them instead).
 
 from __future__ import annotations
 
+from typing import Any
+
 import importlib
 
 import torch
@@ -40,8 +42,11 @@ def resolve_moe_layers(layers: str | list[int], num_layers: int) -> list[int]:
     return sorted(set(indices))
 
 
-def language_model(model: nn.Module) -> nn.Module:
-    """The decoder stack (`...Model` with `.layers`) of a Llava VLM or a bare causal LM."""
+def language_model(model: nn.Module) -> Any:
+    """The decoder stack (`...Model` with `.layers`) of a Llava VLM or a bare causal LM.
+
+    Typed `Any`: transformers models expose their sub-modules as dynamic attributes.
+    """
     inner = getattr(model, "model", model)
     inner = getattr(inner, "language_model", inner)
     if not hasattr(inner, "layers"):
@@ -54,7 +59,7 @@ def text_config(model_or_config):
     return getattr(config, "text_config", None) or config
 
 
-def sparse_blocks(model: nn.Module) -> dict[int, nn.Module]:
+def sparse_blocks(model: nn.Module) -> dict[int, Any]:
     """Layer index -> MoE block (a module with a router `gate` and fused `experts`)."""
     blocks = {}
     for idx, layer in enumerate(language_model(model).layers):

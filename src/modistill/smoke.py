@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -34,7 +35,7 @@ def run_smoke(out: str | Path, seed: int = 0) -> dict:
         for name, model in (("teacher", teacher), ("student-moe", moe)):
             model.save_pretrained(tmp / name)
             processor.save_pretrained(tmp / name)
-    reloaded = AutoModelForImageTextToText.from_pretrained(Path(out) / "student-moe")
+    reloaded: Any = AutoModelForImageTextToText.from_pretrained(Path(out) / "student-moe")  # a Llava MoE
     reloaded_processor = AutoProcessor.from_pretrained(Path(out) / "student-moe")
     generated = reloaded.generate(**_batch(reloaded_processor, image), max_new_tokens=8, do_sample=False)
     print(format_info(describe(reloaded, reloaded_processor)))

@@ -87,6 +87,7 @@ class _ImageLoader:
 
 
 def pixel_values(renderer: Renderer, images: list[Image.Image]) -> torch.Tensor:
+    assert renderer.image_processor is not None  # only samples with images reach here (validated)
     pixels = renderer.image_processor(images=images, return_tensors="pt")["pixel_values"]
     if tuple(pixels.shape[1:]) != renderer.pixel_shape:
         raise UserError(

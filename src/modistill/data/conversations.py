@@ -9,7 +9,7 @@ decoded only when a batch is collated.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,7 +208,7 @@ def load_validated(
 
 
 def load_conversations(
-    files: str | Path | list[str | Path],
+    files: str | Path | Sequence[str | Path],
     image_root: str | Path | None = None,
     processor: Any = None,
     max_length: int | None = 2048,

@@ -13,7 +13,7 @@ first user turn (RLAIF-V questions have none). Rows: `{"id", "source", "images",
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,7 +148,7 @@ def preference_handler(
 
 
 def load_preferences(
-    files: str | Path | list[str | Path],
+    files: str | Path | Sequence[str | Path],
     image_root: str | Path | None = None,
     processor: Any = None,
     max_length: int | None = 2048,

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -280,7 +280,7 @@ class DataStats:
     teacher_tokens_max: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
 
-    def add_sample(self, n_images: int, sequences: list[Any], teacher_sequences: list[Any] = ()) -> None:
+    def add_sample(self, n_images: int, sequences: list[Any], teacher_sequences: Sequence[Any] = ()) -> None:
         """Count one kept sample from its rendered sequences (`RenderedSample`s)."""
         self.samples += 1
         self.with_images += n_images > 0

@@ -131,6 +131,7 @@ def _closed_form(
         grad = torch.exp(student_logp, out=diff)  # q, in the buffer diff no longer needs
     elif teacher is not None:
         _, ids, teacher_coarse = teacher
+        assert teacher_coarse is not None  # the "topk" form always carries its coarse log-probs
         grad = torch.exp(student_logp, out=workspace.get("probs", rows))  # q
         q_ids = grad.gather(1, ids)
         q_rest = grad.scatter_(1, ids, 0.0).sum(-1)  # summed without the ids: no cancellation
@@ -161,26 +162,28 @@ def _closed_form(
         return sums, None
 
     # grad holds q; every row is scaled, the teacher's part subtracted, then CE's softmax and one-hot.
-    kd_rows = (coefficients[0] / temperature) * counted.to(grad.dtype) if teacher is not None else None
+    kd_rows = None
+    if teacher is not None:
+        kd_rows = (coefficients[0] / temperature) * counted.to(grad.dtype)
     ce_coefficient = coefficients[1]
     ce_rows = None
     if logp_t1 is not None and (isinstance(ce_coefficient, Tensor) or ce_coefficient != 0):
         ce_rows = ce_coefficient * labelled.to(grad.dtype)
     same_softmax = temperature == 1.0 and ce_rows is not None  # CE's softmax is q itself
     scale = torch.zeros(rows, dtype=grad.dtype, device=grad.device)
-    if kd_rows is not None:
+    if teacher is not None and kd_rows is not None:
         scale = scale + (kd_rows if teacher[0] == "full" else kd_rows * (total - rest_ratio))
-    if same_softmax:
+    if same_softmax and ce_rows is not None:
         scale = scale + ce_rows
     grad.mul_(scale[:, None])
-    if teacher is not None and teacher[0] == "full":
+    if teacher is not None and kd_rows is not None and teacher[0] == "full":
         grad.sub_(teacher_p.mul_(kd_rows[:, None]))
-    elif teacher is not None:
+    elif teacher is not None and kd_rows is not None:
         at_ids = kd_rows[:, None] * (q_ids * total[:, None] - teacher_probs[:, :-1])
-        if same_softmax:
+        if same_softmax and ce_rows is not None:
             at_ids = at_ids + ce_rows[:, None] * q_ids
         grad.scatter_(1, ids, at_ids)
-    if ce_rows is not None:
+    if ce_rows is not None and logp_t1 is not None:
         if not same_softmax:
             grad.add_(logp_t1.exp().mul_(ce_rows[:, None]))
         grad.index_put_((torch.arange(rows, device=grad.device), safe), -ce_rows, accumulate=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -40,7 +41,7 @@ def tiny_tokenizer(out_dir: str | Path | None = None, texts: list[str] | None = 
     return fast
 
 
-def tiny_spec(tokenizer_dir: str | Path, text_type: str = "qwen3", vision_type: str = "siglip",
+def tiny_spec(tokenizer_dir: str | Path, text_type: Any = "qwen3", vision_type: Any = "siglip",
               hidden: int = 32, layers: int = 2, seed: int = 0) -> ModelSpec:
     """A VLM spec with hidden sizes of a few dozen and 2 layers (TRL-style tiny models)."""
     return ModelSpec(

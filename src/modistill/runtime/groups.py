@@ -51,7 +51,7 @@ def group_of(name: str, sparse_layers: set[int]) -> str:
 
 
 def expand_groups(groups: list[str]) -> set[str]:
-    wanted = set()
+    wanted: set[str] = set()
     for group in groups:
         if group == "llm":
             wanted.update(LLM_GROUPS)

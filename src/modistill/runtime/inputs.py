@@ -12,6 +12,7 @@ rendered, moved and scored the same way wherever it is seen.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ def response_states(model: nn.Module, inputs: dict, labels: torch.Tensor) -> Res
     return ResponseStates(hidden[:, :-1][mask], shifted_labels[mask], mask.sum(dim=1))
 
 
-def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def output_head(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM-head weight [V, H] (and bias) of a model, unwrapping DDP-style wrappers."""
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings()

@@ -118,7 +118,7 @@ class RunDir:
         history = trainer.state.log_history if trainer is not None else []
         write_json_atomic(self.path / "log_history.json", history)
         train_logs = [h for h in history if "loss" in h]
-        summary = next((h for h in reversed(history) if "train_runtime" in h), {})
+        summary: dict[str, Any] = next((h for h in reversed(history) if "train_runtime" in h), {})
         metrics = {
             "stage": self.cfg.stage,
             "steps": trainer.state.global_step if trainer is not None else 0,

@@ -53,7 +53,8 @@ def render_scene(scene: Scene, cfg: WorldConfig, rng: np.random.Generator) -> Im
     for obj in scene.objects:
         base = np.array(PALETTE[obj.colour])
         jitter = rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1, size=3) if cfg.colour_jitter else 0
-        colour = tuple(int(v) for v in np.clip(base + jitter, 0, 255))
+        r, g, b = (int(v) for v in np.clip(base + jitter, 0, 255))
+        colour = (r, g, b)
         # Less jitter for shapes only a few pixels wide, so the cell centre stays inside the shape.
         jit = min(cfg.position_jitter, int(SIZE_FRACTION[obj.size] * cfg.cell / 4) - 1)
         dx, dy = rng.integers(-jit, jit + 1, size=2) if jit > 0 else (0, 0)

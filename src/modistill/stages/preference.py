@@ -79,7 +79,9 @@ class PreferenceTrainer(StageTrainer):
         self.loss_config = loss_config
         self.reference = reference
         self.pad_id = pad_id
-        self.router_collector = RouterLogitsCollector(self.model) if sparse_blocks(self.model) else None
+        model = self.model
+        assert model is not None  # the Trainer was given the student
+        self.router_collector = RouterLogitsCollector(model) if sparse_blocks(model) else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.loss_config

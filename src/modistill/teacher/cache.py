@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -144,7 +145,7 @@ class TeacherCache:
             raise UserError(f"{manifest_path}: unknown cache format {self.manifest.get('format')!r}")
         if expected is not None:
             self._check(expected)
-        self._handles = {}
+        self._handles: dict[str, Any] = {}
         self._index: dict[str, tuple[str, int, int]] = {}
         for shard in self.manifest["shards"]:
             handle = self._open(shard)

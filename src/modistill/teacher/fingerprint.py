@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 # Weight files larger than this are fingerprinted by name, size and mtime instead of content.
@@ -16,7 +17,7 @@ def _hash_file(path: Path, h) -> None:
             h.update(block)
 
 
-def files_fingerprint(paths: list[str | Path]) -> str:
+def files_fingerprint(paths: Sequence[str | Path]) -> str:
     """sha256 over the files' bytes (data files: a changed file must invalidate stored outputs)."""
     h = hashlib.sha256()
     for path in paths:

@@ -30,7 +30,9 @@ FORMAT = "modistill-reference-logps/1"
 def compute_reference(teacher, dataset, collator, batch_size: int, mode: str, pad_id: int,
                       chunk_size: int = 256) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Run the teacher over every pair once: sample ids, chosen logps [M], rejected logps [M]."""
-    ids, chosen, rejected = [], [], []
+    ids: list[str] = []
+    chosen: list[torch.Tensor] = []
+    rejected: list[torch.Tensor] = []
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False)
     for batch in tqdm(loader, desc="reference log-probs", unit="batch"):
         batch_chosen, batch_rejected = frozen_pair_logps(teacher, batch, pad_id, mode, chunk_size)
