@@ -81,6 +81,9 @@ class LossConfig:
     skew_alpha: float = 0.1
     ce_weight: float = 0.0
     balance_coef: float = 0.01
+    # `global`: balance statistics over all ranks' tokens of each micro-batch (the loss of the union,
+    # as with one process); `local`: each rank balances its own tokens (modistill.losses.balance).
+    balance_scope: Literal["global", "local"] = "global"
     # Positions per chunk of the fused LM-head + loss computation (full-vocabulary logits of all
     # positions never exist at once).
     chunk_size: int = 256

@@ -13,7 +13,8 @@ import torch
 from transformers import Trainer
 
 from modistill.losses.preference import preference_loss
-from modistill.moe import RouterLogitsCollector, balance_loss, sparse_blocks
+from modistill.losses.balance import balance_terms
+from modistill.moe import RouterLogitsCollector, sparse_blocks, top_k_of
 from modistill.train.config import LossConfig
 from modistill.train.pairs import pair_inputs, pair_logps
 from modistill.train.trainer import MetricsMixin, ResumeMixin, check_finite
@@ -77,9 +78,10 @@ class PreferenceTrainer(ResumeMixin, MetricsMixin, Trainer):
             loss = loss + cfg.chosen_ce_weight * ce
             self._record("chosen_ce", ce.item() * chosen_tokens, chosen_tokens)
         if self.is_moe:
-            balance = balance_loss(self.model, self.router_collector.pop(), pair["attention_mask"])
-            loss = loss + cfg.balance_coef * balance
-            self._record("balance", balance.item())
+            balance = balance_terms(self.router_collector.pop(), top_k_of(self.model), pair["attention_mask"],
+                                    cfg.balance_scope)
+            loss = loss + cfg.balance_coef * balance.term
+            self._record("balance", balance.value.item())
         margins = (chosen_rewards - rejected_rewards).detach()
         self._record("rewards/chosen", chosen_rewards.sum().item(), n)
         self._record("rewards/rejected", rejected_rewards.sum().item(), n)

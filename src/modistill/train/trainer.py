@@ -19,7 +19,8 @@ from transformers import PreTrainedModel, Trainer
 
 from modistill.errors import UserError
 from modistill.losses.fused import fused_distill_loss
-from modistill.moe import RouterLogitsCollector, balance_loss, expert_load, sparse_blocks, top_k_of
+from modistill.losses.balance import balance_terms
+from modistill.moe import RouterLogitsCollector, sparse_blocks, top_k_of
 from modistill.train.config import LossConfig
 from modistill.train.forward import model_inputs, output_head, response_states
 
@@ -90,7 +91,6 @@ class DistillTrainer(ResumeMixin, MetricsMixin, Trainer):
         self.is_moe = bool(sparse_blocks(self.model))
         self.router_collector = RouterLogitsCollector(self.model) if self.is_moe else None
         self._load_sum: torch.Tensor | None = None
-        self._load_count = 0
         self._init_metrics()
         if loss_config.kd_weight > 0 and teacher is None:
             raise UserError("loss.kd_weight > 0 needs a teacher (or a teacher cache)")
@@ -121,27 +121,27 @@ class DistillTrainer(ResumeMixin, MetricsMixin, Trainer):
         self._record("kd", losses["kd"].item() * float(num_items), tokens)
         self._record("ce", losses["ce"].item() * float(num_items), tokens)
         if self.is_moe:
-            router_logits = self.router_collector.pop()
-            balance = balance_loss(self.model, router_logits, student_inputs["attention_mask"])
-            loss = loss + cfg.balance_coef * balance / self.current_gradient_accumulation_steps
-            self._record("balance", balance.item())
-            self._accumulate_load(router_logits, student_inputs["attention_mask"])
+            balance = balance_terms(self.router_collector.pop(), top_k_of(self.model),
+                                    student_inputs["attention_mask"], cfg.balance_scope)
+            loss = loss + cfg.balance_coef * balance.term / self.current_gradient_accumulation_steps
+            self._record("balance", balance.value.item())
+            self._accumulate_load(balance.stats.top1)
         check_finite(loss, self.state.global_step, inputs.get("sample_ids", []))
         self._tokens_since_log += int(student_inputs["attention_mask"].sum())
         return (loss, None) if return_outputs else loss
 
-    def _accumulate_load(self, router_logits, attention_mask) -> None:
-        load = expert_load(router_logits, top_k_of(self.model), attention_mask)["top1"]
-        self._load_sum = load if self._load_sum is None else self._load_sum + load
-        self._load_count += 1
+    def _accumulate_load(self, top1_counts: torch.Tensor) -> None:
+        # Token counts [layers, experts] (all ranks' with the global scope), summed until the next log.
+        counts = top1_counts.detach().cpu()
+        self._load_sum = counts if self._load_sum is None else self._load_sum + counts
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs and self._load_sum is not None:
-            load = self._load_sum / self._load_count
+            load = self._load_sum / self._load_sum.sum(dim=-1, keepdim=True).clamp_min(1)
             for layer, row in zip(sorted(sparse_blocks(self.model)), load):
                 for expert, share in enumerate(row.tolist()):
                     logs[f"load/L{layer}/E{expert}"] = share
             logs["load/max_share"] = float(load.max())
-            self._load_sum, self._load_count = None, 0
+            self._load_sum = None
         super().log(logs, *args, **kwargs)
 
