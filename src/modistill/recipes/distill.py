@@ -11,6 +11,7 @@ from transformers import set_seed
 
 from modistill.data.conversations import load_conversations
 from modistill.errors import UserError
+from modistill.fsdp import full_state_dict
 from modistill.models.load import load_model
 from modistill.moe import sparse_blocks
 from modistill.teacher.cache import TeacherCache, cache_identity
@@ -75,8 +76,9 @@ def run_distill(cfg: StageConfig, fresh: bool = False) -> dict:
     # 5. Checkpoint: the final student as a plain transformers model + config + metrics.
     trainer.accelerator.wait_for_everyone()
     metrics = {}
+    weights = full_state_dict(trainer)  # FSDP: every rank takes part in gathering the shards
     if trainer.is_world_process_zero():
         extra = {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)}
-        metrics = run.finalize(trainer.accelerator.unwrap_model(trainer.model), processor, trainer, extra)
+        metrics = run.finalize(trainer.accelerator.unwrap_model(trainer.model), processor, trainer, extra, weights)
     trainer.accelerator.wait_for_everyone()
     return metrics

@@ -12,6 +12,7 @@ from transformers import set_seed
 
 from modistill.data.preferences import load_preferences
 from modistill.errors import UserError
+from modistill.fsdp import full_state_dict
 from modistill.models.load import load_model
 from modistill.moe import sparse_blocks
 from modistill.teacher.compat import check_vocab_compatible
@@ -83,9 +84,10 @@ def run_preference(cfg: StageConfig, fresh: bool = False) -> dict:
     # 6. Checkpoint.
     trainer.accelerator.wait_for_everyone()
     metrics = {}
+    weights = full_state_dict(trainer)  # FSDP: every rank takes part in gathering the shards
     if trainer.is_world_process_zero():
         metrics = run.finalize(trainer.accelerator.unwrap_model(trainer.model), processor, trainer,
                                {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems),
-                                "reference": cfg.reference})
+                                "reference": cfg.reference}, weights)
     trainer.accelerator.wait_for_everyone()
     return metrics

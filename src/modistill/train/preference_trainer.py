@@ -13,6 +13,7 @@ import torch
 from transformers import Trainer
 
 from modistill.losses.preference import preference_loss
+from modistill.fsdp import CpuFsdpMixin
 from modistill.losses.balance import balance_terms
 from modistill.moe import RouterLogitsCollector, sparse_blocks, top_k_of
 from modistill.train.config import LossConfig
@@ -47,7 +48,7 @@ class StoredReference:
         return self.store.lookup(batch["sample_ids"])
 
 
-class PreferenceTrainer(ResumeMixin, MetricsMixin, Trainer):
+class PreferenceTrainer(CpuFsdpMixin, ResumeMixin, MetricsMixin, Trainer):
     loss_is_scaled_for_ga = False  # a per-pair mean: the Trainer divides by the accumulation steps
 
     def __init__(self, *args, loss_config: LossConfig, reference, pad_id: int, **kwargs):

@@ -101,10 +101,13 @@ class RunDir:
     def metrics(self) -> dict:
         return json.loads((self.path / "metrics.json").read_text())
 
-    def finalize(self, model, processor, trainer, extra: dict | None = None) -> dict:
-        """Write the final student (atomically per file), its log history, then metrics.json."""
+    def finalize(self, model, processor, trainer, extra: dict | None = None, state_dict: dict | None = None) -> dict:
+        """Write the final student (atomically per file), its log history, then metrics.json.
+
+        `state_dict`: the full weights when the model holds shards (FSDP; modistill.fsdp.full_state_dict).
+        """
         tmp = self.path / f".final-{uuid.uuid4().hex[:8]}"
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), state_dict=state_dict)
         if processor is not None:
             processor.save_pretrained(str(tmp))
         for item in tmp.iterdir():
@@ -202,7 +205,7 @@ def training_arguments(cfg: StageConfig) -> TrainingArguments:
         disable_tqdm=t.disable_tqdm,
         ddp_find_unused_parameters=t.ddp_find_unused_parameters,
         fsdp=t.fsdp,
-        fsdp_config=t.fsdp_config,
+        fsdp_config=dict(t.fsdp_config) if isinstance(t.fsdp_config, dict) else t.fsdp_config,  # it edits it
         deepspeed=t.deepspeed,
         remove_unused_columns=False,  # our rows are raw samples; the collator renders them
         label_names=["labels"],

@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel, Trainer
 
 from modistill.errors import UserError
+from modistill.fsdp import CpuFsdpMixin
 from modistill.losses.fused import fused_distill_loss
 from modistill.losses.balance import balance_terms
 from modistill.moe import RouterLogitsCollector, sparse_blocks, top_k_of
@@ -78,7 +79,7 @@ def check_finite(loss: torch.Tensor, step: int, sample_ids) -> None:
         )
 
 
-class DistillTrainer(ResumeMixin, MetricsMixin, Trainer):
+class DistillTrainer(CpuFsdpMixin, ResumeMixin, MetricsMixin, Trainer):
     """Trainer for stages 0 / SFT / 1a / 1b. `teacher` is a `TeacherSource` or None."""
 
     # compute_loss divides token losses by the accumulated batch's token count itself.
