@@ -1,13 +1,13 @@
-# Quickstart targets: each creates/uses a local virtualenv (.venv) with the pinned stack.
+# Quickstart targets: each creates/uses a local virtualenv (.venv) with the stack pinned in constraints.txt.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
 .PHONY: demo test lint smoke bench install clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
 	touch $@
 
 install: $(BIN)/.installed

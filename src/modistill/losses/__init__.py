@@ -1,5 +1,6 @@
 """Distillation and preference losses: pure tensor functions, computed in fp32."""
 
+from modistill.losses.balance import BalanceStats, BalanceTerms, balance_from_stats, balance_stats, balance_terms
 from modistill.losses.divergence import (
     DIVERGENCE_KINDS,
     coarse_logprobs,
@@ -13,10 +14,15 @@ from modistill.losses.teachers import TeacherHidden, TeacherTopK
 from modistill.losses.preference import PREFERENCE_KINDS, preference_loss, sequence_logps
 
 __all__ = [
+    "BalanceStats",
+    "BalanceTerms",
     "DIVERGENCE_KINDS",
     "PREFERENCE_KINDS",
     "TeacherHidden",
     "TeacherTopK",
+    "balance_from_stats",
+    "balance_stats",
+    "balance_terms",
     "chunked_token_logps",
     "coarse_logprobs",
     "divergence_loss",

@@ -28,6 +28,8 @@ def training_arguments(output_dir: str | Path, train: TrainArgs) -> TrainingArgu
     """
     mapped = {_RENAMED.get(f.name, f.name): getattr(train, f.name)
               for f in dataclasses.fields(train) if f.name not in _OWN_KEYS}
+    if isinstance(mapped.get("fsdp_config"), dict):
+        mapped["fsdp_config"] = dict(mapped["fsdp_config"])  # TrainingArguments edits it in place
     args = TrainingArguments(
         output_dir=str(Path(output_dir) / "checkpoints"),
         **mapped,

@@ -8,7 +8,7 @@ path and the file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from modistill.models.spec import ModelSpec
 
@@ -88,8 +88,10 @@ class TrainArgs:
     # Train on the CPU even if a GPU is there. Needed for CPU data parallelism (`torchrun
     # --nproc_per_node N` on a machine without GPUs): without it each process trains alone.
     use_cpu: bool = False
+    # FSDP through the Trainer: e.g. fsdp: full_shard and fsdp_config: {version: 2,
+    # transformer_layer_cls_to_wrap: [Qwen3MoeDecoderLayer]} (a dict, or the path of a JSON file).
     fsdp: str | None = None
-    fsdp_config: str | None = None
+    fsdp_config: str | dict[str, Any] | None = None
     deepspeed: str | None = None
     # Stop after this many seconds of training (saves a checkpoint; equal-time comparisons).
     max_time_s: float | None = None

@@ -28,6 +28,7 @@ from modistill.errors import UserError
 from modistill.info import parameter_counts
 from modistill.io import write_json_atomic, write_text_atomic
 from modistill.runtime.arguments import training_arguments
+from modistill.runtime.fsdp import full_state_dict
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -98,18 +99,26 @@ class RunDir:
         return json.loads((self.path / "metrics.json").read_text())
 
     def save_final(self, trainer: Trainer, processor, extra: dict | None = None) -> dict:
-        """After training: the main process writes the final student and metrics; every rank waits."""
+        """After training: the main process writes the final student and metrics; every rank waits.
+
+        Under FSDP every rank first takes part in gathering the full weights from the shards.
+        """
         trainer.accelerator.wait_for_everyone()
+        weights = full_state_dict(trainer)
         metrics: dict = {}
         if trainer.is_world_process_zero():
-            metrics = self.finalize(trainer.accelerator.unwrap_model(trainer.model), processor, trainer, extra)
+            metrics = self.finalize(trainer.accelerator.unwrap_model(trainer.model), processor, trainer, extra,
+                                    weights)
         trainer.accelerator.wait_for_everyone()
         return metrics
 
-    def finalize(self, model, processor, trainer, extra: dict | None = None) -> dict:
-        """Write the final student (atomically per file), its log history, then metrics.json."""
+    def finalize(self, model, processor, trainer, extra: dict | None = None, state_dict: dict | None = None) -> dict:
+        """Write the final student (atomically per file), its log history, then metrics.json.
+
+        `state_dict`: the full weights when the model holds shards (FSDP; `runtime.fsdp.full_state_dict`).
+        """
         tmp = self.path / f".final-{uuid.uuid4().hex[:8]}"
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), state_dict=state_dict)
         if processor is not None:
             processor.save_pretrained(str(tmp))
         for item in tmp.iterdir():

@@ -7,6 +7,7 @@ bars and distribution stay the Trainer's.
 - Resume through `from_pretrained` (see `_load_from_checkpoint`).
 - Extra per-step metrics (`record`) averaged into the Trainer's logs, as TRL's trainers do.
 - A non-finite loss stops the run with the step and the samples (`check_finite`).
+- `train.fsdp` honoured on CPU processes too (`CpuFsdpMixin`, modistill.runtime.fsdp).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, Trainer
 
 from modistill.errors import UserError
+from modistill.runtime.fsdp import CpuFsdpMixin
 from modistill.runtime.inputs import ResponseStates, model_inputs, response_states
 
 
@@ -29,7 +31,7 @@ def check_finite(loss: torch.Tensor, step: int, sample_ids) -> None:
         )
 
 
-class StageTrainer(Trainer):
+class StageTrainer(CpuFsdpMixin, Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._sums: dict[str, float] = defaultdict(float)

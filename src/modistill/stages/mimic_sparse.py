@@ -9,7 +9,8 @@ dense model. Then:
     loss = kd_weight · KD(teacher ‖ student) + ce_weight · CE + balance_coef · Σ_layers balance
 
 KD and CE are stage 1a's (`MimicTrainer.kd_loss`). The balance loss is the Switch/GShard
-E·Σ_e P_e·f_e of each MoE layer (transformers' `load_balancing_loss_func`), counted once per step.
+E·Σ_e P_e·f_e of each MoE layer, counted once per step; by default its statistics are taken over
+all ranks' tokens (`balance_scope: global`, modistill.losses.balance), so N processes train as one.
 Attention, embeddings and the LM head stay frozen; experts, routers, dense FFNs and the projector learn.
 """
 
@@ -20,8 +21,8 @@ from typing import Literal
 
 from modistill.data.conversations import load_conversations
 from modistill.errors import UserError
-from modistill.moe import RouterLogitsCollector, balance_loss, expert_load, set_experts_implementation, sparse_blocks
-from modistill.moe import top_k_of
+from modistill.losses.balance import balance_terms
+from modistill.moe import RouterLogitsCollector, set_experts_implementation, sparse_blocks, top_k_of
 from modistill.runtime.arguments import callbacks_for, first_samples
 from modistill.runtime.config import UpcycleSpec
 from modistill.runtime.groups import set_trainable
@@ -38,6 +39,9 @@ from modistill.upcycle import upcycle
 class SparseKDLoss(KDLoss):
     ce_weight: float = 1.0  # the paper's stage 1b adds CE on the dataset responses
     balance_coef: float = 0.01
+    # `global`: balance statistics over all ranks' tokens of each micro-batch (the loss of the union,
+    # as with one process); `local`: each rank balances its own tokens (modistill.losses.balance).
+    balance_scope: Literal["global", "local"] = "global"
 
 
 @dataclass
@@ -55,31 +59,29 @@ class SparseMimicTrainer(MimicTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.router_collector = RouterLogitsCollector(self.model)  # LlavaModel returns no router logits
-        self._load_sum = None
-        self._load_count = 0
+        self._load_sum = None  # top-1 token counts [layers, experts] since the last log
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, student_inputs = self.kd_loss(model, inputs, num_items_in_batch)
-        router_logits = self.router_collector.pop()
-        mask = student_inputs["attention_mask"]
-        balance = balance_loss(self.model, router_logits, mask)
+        cfg = self.loss_config
+        balance = balance_terms(self.router_collector.pop(), top_k_of(self.model), student_inputs["attention_mask"],
+                                cfg.balance_scope)
         # Once per optimizer step: the Trainer does not divide this loss by the accumulation steps.
-        loss = loss + self.loss_config.balance_coef * balance / self.current_gradient_accumulation_steps
-        self.record("balance", balance.item())
-        load = expert_load(router_logits, top_k_of(self.model), mask)["top1"]
-        self._load_sum = load if self._load_sum is None else self._load_sum + load
-        self._load_count += 1
+        loss = loss + cfg.balance_coef * balance.term / self.current_gradient_accumulation_steps
+        self.record("balance", balance.value.item())
+        counts = balance.stats.top1.detach().cpu()  # all ranks' counts with the global scope
+        self._load_sum = counts if self._load_sum is None else self._load_sum + counts
         check_finite(loss, self.state.global_step, inputs.get("sample_ids", []))
         return (loss, None) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs and self._load_sum is not None:
-            load = self._load_sum / self._load_count
+            load = self._load_sum / self._load_sum.sum(dim=-1, keepdim=True).clamp_min(1)
             for layer, row in zip(sorted(sparse_blocks(self.model)), load):
                 for expert, share in enumerate(row.tolist()):
                     logs[f"load/L{layer}/E{expert}"] = share
             logs["load/max_share"] = float(load.max())
-            self._load_sum, self._load_count = None, 0
+            self._load_sum = None
         super().log(logs, *args, **kwargs)
 
 

@@ -24,7 +24,8 @@ from accelerate import PartialState
 from modistill.data.preferences import load_preferences
 from modistill.losses.preference import preference_loss
 from modistill.models.load import load_model
-from modistill.moe import RouterLogitsCollector, balance_loss, sparse_blocks
+from modistill.losses.balance import balance_terms
+from modistill.moe import RouterLogitsCollector, sparse_blocks, top_k_of
 from modistill.runtime.arguments import callbacks_for, first_samples
 from modistill.runtime.config import DataConfig, StudentConfig, TeacherConfig, TrainArgs
 from modistill.runtime.groups import set_trainable
@@ -51,6 +52,7 @@ class PreferenceLoss:
     # gradient flow through them: set false to reproduce it.
     kto_detach_kl: bool = True
     balance_coef: float = 0.01  # MoE students: one balance loss over the joint chosen + rejected batch
+    balance_scope: Literal["global", "local"] = "global"  # as stage 1b's: statistics over all ranks
     chunk_size: int = 256  # positions per chunk of the LM head (full-vocabulary logits never exist)
 
 
@@ -103,9 +105,10 @@ class PreferenceTrainer(StageTrainer):
             loss = loss + cfg.chosen_ce_weight * ce
             self.record("chosen_ce", ce.item() * chosen_tokens, chosen_tokens)
         if self.router_collector is not None:
-            balance = balance_loss(self.model, self.router_collector.pop(), pair["attention_mask"])
-            loss = loss + cfg.balance_coef * balance
-            self.record("balance", balance.item())
+            balance = balance_terms(self.router_collector.pop(), top_k_of(self.model), pair["attention_mask"],
+                                    cfg.balance_scope)
+            loss = loss + cfg.balance_coef * balance.term
+            self.record("balance", balance.value.item())
         margins = (chosen_rewards - rejected_rewards).detach()
         self.record("rewards/chosen", chosen_rewards.sum().item(), n)
         self.record("rewards/rejected", rejected_rewards.sum().item(), n)
