@@ -105,7 +105,8 @@ def generation_kwargs(
 def encode_batch(processor: Any, images: list[Image.Image], prompts: list[str], model: Any) -> dict[str, torch.Tensor]:
     """Left-padded processor inputs on the model's device, pixels in the model's dtype."""
     with left_padding(processor):
-        batch = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        # The chat template writes any BOS itself (as in training rendering): add none on top.
+        batch = processor(images=images, text=prompts, padding=True, return_tensors="pt", add_special_tokens=False)
     dtype = next(model.parameters()).dtype
     return {
         k: v.to(model.device, dtype=dtype) if k == "pixel_values" else v.to(model.device)
