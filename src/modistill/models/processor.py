@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from modistill.errors import UserError
+from modistill.models.gguf import gguf_tokenizer, is_gguf
 from modistill.models.chat import CHATML_TEMPLATE, IM_END, IM_START, IMAGE_TOKEN, PAD_TOKEN, accept_content_parts
 
 # How many extra tokens the tower emits beside its patches, and how LLaVA selects features:
@@ -26,6 +27,9 @@ TOWER_FEATURES = {
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model directory, hub id or `.gguf` file."""
+    if is_gguf(name_or_path):
+        return gguf_tokenizer(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
