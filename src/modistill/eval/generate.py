@@ -18,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from modistill.data.images import open_rgb, to_rgb
 from modistill.errors import UserError
 
 
@@ -58,14 +59,13 @@ def left_padding(processor: Any) -> Iterator[None]:
 def _open_image(path: str) -> Image.Image:
     # Eval sets ask several questions per image (POPE: about a dozen): decode a file once per run
     # when possible; small bound because real photos are ~1 MB decoded (cleared after each run).
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return open_rgb(path)
 
 
 def load_image(image: str | Path | Image.Image, image_root: str | Path | None = None, where: str = "") -> Image.Image:
     """A PIL RGB image from a PIL image or a path (relative paths resolved against `image_root`)."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     path = Path(image)
     if not path.is_absolute() and image_root is not None:
         path = Path(image_root) / path
