@@ -93,6 +93,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from modistill.train.config import load_stage_config
 
     cfg = load_stage_config(args.config, args.overrides)
+    if cfg.teacher is not None:  # a teacher of another tokenizer family: refuse before loading or writing
+        from modistill.teacher.compat import check_tokenizer_sources
+
+        build = cfg.student.build
+        student = cfg.student.path or (build.tokenizer or build.text.pretrained)
+        check_tokenizer_sources(student, cfg.teacher.path, prepare_student=cfg.student.path is None)
     if cfg.stage == "preference":
         from modistill.recipes.preference import run_preference
 

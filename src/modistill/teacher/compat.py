@@ -12,20 +12,14 @@ from modistill.errors import UserError
 
 
 def check_vocab_compatible(
-    student_tokenizer, teacher_tokenizer, student_rows: int, teacher_rows: int, mode: str = "exact"
+    student_tokenizer, teacher_tokenizer, student_rows: int, teacher_rows: int, mode: str = "exact",
+    names: tuple[str, str] | None = None,
 ) -> None:
-    """Raise a UserError naming the first disagreement; return None when distillation is sound."""
-    s_vocab = student_tokenizer.get_vocab()
-    t_vocab = teacher_tokenizer.get_vocab()
-    s_by_id = {i: tok for tok, i in s_vocab.items()}
-    t_by_id = {i: tok for tok, i in t_vocab.items()}
-    differing = [i for i in sorted(s_by_id) if t_by_id.get(i) != s_by_id[i]]
-    if differing:
-        shown = ", ".join(f"{i}: student {s_by_id[i]!r} vs teacher {t_by_id.get(i)!r}" for i in differing[:3])
-        raise UserError(
-            f"teacher and student tokenizers disagree on {len(differing)} token ids (first: {shown}); "
-            f"distillation needs the same vocabulary: use a teacher and student from one tokenizer family"
-        )
+    """Raise a UserError naming the first disagreement; return None when distillation is sound.
+
+    `names` (student, teacher) label the tokenizers in the message; default: their `name_or_path`.
+    """
+    s_by_id, t_by_id = check_same_token_ids(student_tokenizer, teacher_tokenizer, names)
     extra_tokens = sorted(i for i in t_by_id if i not in s_by_id)
     if extra_tokens:
         raise UserError(
@@ -48,3 +42,44 @@ def check_vocab_compatible(
                 f"the teacher has {teacher_rows} output rows, the student {student_rows}; rows {student_rows}.. are "
                 f"unused padding: set `teacher.vocab: truncate` to drop them before the softmax"
             )
+
+
+def check_same_token_ids(
+    student_tokenizer, teacher_tokenizer, names: tuple[str, str] | None = None
+) -> tuple[dict[int, str], dict[int, str]]:
+    """Raise a one-line UserError unless every student token id means the same token to the teacher.
+
+    Needs the tokenizers only (no weights), so commands can refuse before loading models or writing
+    anything. Returns both id -> token maps for further checks.
+    """
+    s_by_id = {i: tok for tok, i in student_tokenizer.get_vocab().items()}
+    t_by_id = {i: tok for tok, i in teacher_tokenizer.get_vocab().items()}
+    differing = [i for i in sorted(s_by_id) if t_by_id.get(i) != s_by_id[i]]
+    if differing:
+        s_name, t_name = names or (_name(student_tokenizer), _name(teacher_tokenizer))
+        shown = ", ".join(f"{i}: student {s_by_id[i]!r} vs teacher {t_by_id.get(i)!r}" for i in differing[:3])
+        raise UserError(
+            f"teacher tokenizer {t_name} ({len(t_by_id):,} tokens) and student tokenizer {s_name} "
+            f"({len(s_by_id):,} tokens) disagree on {len(differing):,} token ids (first: {shown}); "
+            "distillation needs the same vocabulary: use a teacher and student from one tokenizer family"
+        )
+    return s_by_id, t_by_id
+
+
+def _name(tokenizer) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def check_tokenizer_sources(student: str, teacher: str, prepare_student: bool = False) -> None:
+    """`check_same_token_ids` on the tokenizers of two sources (model dirs, hub ids, `.gguf` files).
+
+    Commands call it first, so a teacher from another family is refused in a second, before any
+    model is loaded or output written. `prepare_student`: the student is still to be built, and its
+    tokenizer gains what modistill adds to a base tokenizer (the image token, a pad token).
+    """
+    from modistill.models.processor import load_tokenizer, prepare_tokenizer
+
+    student_tokenizer = load_tokenizer(student)
+    if prepare_student:
+        prepare_tokenizer(student_tokenizer)
+    check_same_token_ids(student_tokenizer, load_tokenizer(teacher), names=(student, teacher))
