@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 from PIL import Image
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
@@ -30,6 +31,9 @@ def photo_variants(out: Path) -> dict[str, Path]:
     for name, image in variants.items():
         image.save(out / name)
         paths[name.split(".")[0]] = out / name
+    grey16 = np.asarray(rgb.convert("L"), dtype=np.uint16) * 257  # 16-bit PNG, full range
+    Image.fromarray(grey16).save(out / "grey16.png")
+    paths["grey16"] = out / "grey16.png"
     palette = variants["palette.png"].copy()
     palette.save(out / "palette_transparent.png", transparency=0)
     paths["palette_transparent"] = out / "palette_transparent.png"

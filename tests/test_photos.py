@@ -35,6 +35,10 @@ def test_every_variant_decodes_upright_rgb(photos):
     assert np.abs(turned - upright).mean() < 4.0  # JPEG re-encoding error only
     # Transparent pixels become white, as transformers' convert_to_rgb makes them.
     assert open_rgb(photos["rgba"]).getpixel((10, 0)) == (255, 255, 255)
+    # 16-bit greyscale keeps its top 8 bits: exactly the 8-bit greyscale photo.
+    with Image.open(GRACE_HOPPER) as im:
+        grey = np.asarray(im.convert("L").convert("RGB"))
+    assert np.array_equal(np.asarray(open_rgb(photos["grey16"])), grey)
     # Eval / chat read images through the same function.
     assert np.array_equal(np.asarray(load_image(str(photos["exif6"]))), turned.astype(np.uint8))
 
