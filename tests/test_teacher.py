@@ -16,7 +16,7 @@ from modistill.models.load import load_model
 from modistill.models.tiny import tiny_tokenizer
 from modistill.stages import run_stage
 from modistill.stages.cache_teacher import CacheConfig, run_cache_teacher
-from modistill.teacher.compat import check_vocab_compatible
+from modistill.models.vocab import check_vocab_compatible
 from test_train_stages import _weights, stage_config
 
 

@@ -17,19 +17,19 @@ from modistill.errors import UserError
 def _cmd_upcycle(args: argparse.Namespace) -> int:
     from modistill.io import atomic_output_dir, check_output_dir, write_json_atomic
     from modistill.models import load as model_io
-    from modistill.upcycle import plan_upcycle, upcycle
+    from modistill.upcycle import copy_processor_files, load_dense_model, plan_upcycle, upcycle
 
     # Refuse bad requests before the (possibly long) load of the weights.
     check_output_dir(args.out, args.overwrite)
     config = model_io.load_config(args.model, args.trust_remote_code)
     model_io.check_supported(config, args.model)
     plan_upcycle(config, args.num_experts, args.top_k, args.layers)
-    loaded = model_io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    moe = upcycle(
-        loaded.model, args.num_experts, args.top_k, args.layers, router_std=args.router_std, seed=args.seed
-    )
+    # Weights only: a directory holding just the model is valid input; processor files are copied as they are.
+    dense = load_dense_model(args.model, model_io.torch_dtype(args.dtype), args.trust_remote_code)
+    moe = upcycle(dense, args.num_experts, args.top_k, args.layers, router_std=args.router_std, seed=args.seed)
     with atomic_output_dir(args.out, args.overwrite) as tmp:
-        model_io.save_model(moe, loaded.processor, tmp)
+        model_io.save_model(moe, None, tmp)
+        processor = copy_processor_files(args.model, tmp, args.trust_remote_code)
         write_json_atomic(
             tmp / "upcycle.json",
             {"source": str(args.model), "num_experts": args.num_experts, "top_k": args.top_k,
@@ -38,7 +38,7 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     from modistill.info import describe, format_info
 
     print(f"wrote {args.out}")
-    print(format_info(describe(moe, loaded.processor)))
+    print(format_info(describe(moe, processor)))
     return 0
 
 
@@ -92,7 +92,15 @@ def _add_smoke(sub) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from modistill.stages import load_stage_config, run_stage
 
-    run_stage(load_stage_config(args.config, args.overrides), fresh=args.fresh)
+    cfg = load_stage_config(args.config, args.overrides)
+    teacher = getattr(cfg, "teacher", None)
+    if teacher is not None:  # a teacher of another tokenizer family: refuse before loading or writing
+        from modistill.models.vocab import check_tokenizer_sources
+
+        build = cfg.student.build
+        student = cfg.student.path or (build.tokenizer or build.text.pretrained)
+        check_tokenizer_sources(student, teacher.path, prepare_student=cfg.student.path is None)
+    run_stage(cfg, fresh=args.fresh)
     return 0
 
 

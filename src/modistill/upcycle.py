@@ -13,10 +13,18 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
     LlavaForConditionalGeneration,
     MixtralConfig,
     MixtralForCausalLM,
@@ -203,3 +211,51 @@ def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     module = model.get_submodule(module_name) if module_name else model
     if buf_name in module._buffers:
         module._buffers[buf_name] = value
+
+
+# ------------------------------------------------------------------ model-only input directories
+
+# What a processor or tokenizer may have written beside a model (upcycling keeps them unchanged).
+PROCESSOR_FILE_PATTERNS = (
+    "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "additional_chat_templates/*.jinja",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "*.tiktoken",
+)
+
+
+def load_dense_model(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model of a directory or hub id, Llava or causal LM, without its processor (upcycling needs none)."""
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    auto = AutoModelForImageTextToText if config.model_type == "llava" else AutoModelForCausalLM
+    return auto.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def copy_processor_files(src: str | Path, dst: str | Path, trust_remote_code: bool = False) -> Any:
+    """Put whatever processor/tokenizer files `src` has into `dst`; return the processor they load as, or None.
+
+    A local directory's files are copied byte for byte (nothing is re-serialised, so a processor this
+    transformers version writes differently stays as it was); from a hub id the processor is loaded
+    and saved. A directory holding only the model yields None, and the MoE is saved alone.
+    """
+    src_dir, dst_dir = Path(src), Path(dst)
+    if src_dir.is_dir():
+        for pattern in PROCESSOR_FILE_PATTERNS:
+            for file in sorted(src_dir.glob(pattern)):
+                target = dst_dir / file.relative_to(src_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(file, target)
+        return _processor_of(dst_dir, trust_remote_code)
+    processor = _processor_of(str(src), trust_remote_code)
+    if processor is not None:
+        processor.save_pretrained(str(dst_dir))
+    return processor
+
+
+def _processor_of(path: str | Path, trust_remote_code: bool) -> Any:
+    for auto in (AutoProcessor, AutoTokenizer):
+        try:
+            return auto.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # no processor (or no tokenizer) files: a valid model directory all the same
+    return None

@@ -24,6 +24,7 @@ from modistill.data.render import Renderer
 from modistill.data.validate import BadSamplePolicy, DataStats, iter_records, scan_files
 from modistill.errors import UserError
 from modistill.models.load import load_config
+from modistill.models.vocab import check_same_token_ids
 
 KINDS = ("auto", "conversations", "preferences")
 
@@ -88,6 +89,9 @@ def check_data(
 def run_check_command(args: argparse.Namespace) -> int:
     processor = load_processor(args.model, args.trust_remote_code)
     teacher = load_processor(args.teacher, args.trust_remote_code) if args.teacher else None
+    if teacher is not None:  # another tokenizer family cannot teach this student: say so before any sample
+        check_same_token_ids(getattr(processor, "tokenizer", processor), getattr(teacher, "tokenizer", teacher),
+                             names=(args.model, args.teacher))
     stats, problems = check_data(args.files, processor, args.kind, args.image_root, args.max_length, teacher)
     for p in problems:
         print(p.message())

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from modistill.data.images import open_rgb, to_rgb
 from modistill.errors import UserError
 
 
@@ -58,14 +59,13 @@ def left_padding(processor: Any) -> Iterator[None]:
 def _open_image(path: str) -> Image.Image:
     # Eval sets ask several questions per image (POPE: about a dozen): decode a file once per run
     # when possible; small bound because real photos are ~1 MB decoded (cleared after each run).
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return open_rgb(path)
 
 
 def load_image(image: str | Path | Image.Image, image_root: str | Path | None = None, where: str = "") -> Image.Image:
     """A PIL RGB image from a PIL image or a path (relative paths resolved against `image_root`)."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     path = Path(image)
     if not path.is_absolute() and image_root is not None:
         path = Path(image_root) / path
@@ -105,7 +105,8 @@ def generation_kwargs(
 def encode_batch(processor: Any, images: list[Image.Image], prompts: list[str], model: Any) -> dict[str, torch.Tensor]:
     """Left-padded processor inputs on the model's device, pixels in the model's dtype."""
     with left_padding(processor):
-        batch = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        # The chat template writes any BOS itself (as in training rendering): add none on top.
+        batch = processor(images=images, text=prompts, padding=True, return_tensors="pt", add_special_tokens=False)
     dtype = next(model.parameters()).dtype
     return {
         k: v.to(model.device, dtype=dtype) if k == "pixel_values" else v.to(model.device)

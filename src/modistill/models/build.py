@@ -2,8 +2,9 @@
 
 Two ways in, one result (a plain transformers VLM + its `LlavaProcessor`):
 - from sizes (tests, the demo): every part is built from `ModelSpec`;
-- from pretrained parts (real users): `text.pretrained: Qwen/Qwen2-0.5B` and
-  `vision.pretrained: <a SigLIP/CLIP dir>`; their weights are loaded, the projector is fresh.
+- from pretrained parts (real users): `text.pretrained: Qwen/Qwen2-0.5B` (a dir, hub id or `.gguf`
+  file, dequantised) and `vision.pretrained: <a SigLIP/CLIP dir>`; their weights are loaded, the
+  projector is fresh.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from transformers import (
 )
 
 from modistill.errors import UserError
+from modistill.models.gguf import gguf_causal_lm, gguf_config, is_gguf
 from modistill.models.processor import (
     TOWER_FEATURES,
     build_image_processor,
@@ -120,7 +122,9 @@ def build_vlm(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> tuple[Llav
     vocab_size = len(tokenizer)
     vision_config = vision_config_from_spec(spec.vision)
     tower = "clip" if "clip" in vision_config.model_type else "siglip"
-    if spec.text.pretrained is not None:
+    if is_gguf(spec.text.pretrained):
+        text_config = gguf_config(spec.text.pretrained)
+    elif spec.text.pretrained is not None:
         text_config = AutoConfig.from_pretrained(spec.text.pretrained, trust_remote_code=spec.trust_remote_code)
     else:
         text_config = text_config_from_spec(spec.text, vocab_size)
@@ -164,9 +168,12 @@ def _assemble_pretrained(
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     if spec.text.pretrained is not None:
-        lm = AutoModelForCausalLM.from_pretrained(
-            spec.text.pretrained, dtype=dtype, trust_remote_code=spec.trust_remote_code
-        )
+        if is_gguf(spec.text.pretrained):
+            lm = gguf_causal_lm(spec.text.pretrained, dtype)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(
+                spec.text.pretrained, dtype=dtype, trust_remote_code=spec.trust_remote_code
+            )
         model.model.language_model = lm.model
         model.lm_head = lm.lm_head
     else:

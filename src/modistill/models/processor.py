@@ -14,7 +14,8 @@ from transformers import (
 )
 
 from modistill.errors import UserError
-from modistill.models.chat import CHATML_TEMPLATE, IM_END, IM_START, IMAGE_TOKEN, PAD_TOKEN
+from modistill.models.gguf import gguf_tokenizer, is_gguf
+from modistill.models.chat import CHATML_TEMPLATE, IM_END, IM_START, IMAGE_TOKEN, PAD_TOKEN, accept_content_parts
 
 # How many extra tokens the tower emits beside its patches, and how LLaVA selects features:
 # SigLIP has no CLS token (use every patch: "full"); CLIP has one, which LLaVA drops ("default").
@@ -26,6 +27,9 @@ TOWER_FEATURES = {
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model directory, hub id or `.gguf` file."""
+    if is_gguf(name_or_path):
+        return gguf_tokenizer(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -36,8 +40,9 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     """Give a tokenizer what a LLaVA-style VLM needs: an image token, a pad token, a chat template.
 
     A tokenizer that already has them (ours, or a chat model's) is left as it is; a base model's
-    tokenizer (e.g. Qwen2-0.5B) gains `<image>` and, if it has no template, ChatML. Adding tokens
-    grows `len(tokenizer)`: the model builder sizes the embeddings from it.
+    tokenizer (e.g. Qwen2-0.5B) gains `<image>` and, if it has no template, ChatML. A template of its
+    own (SmolLM2's, Qwen2's, Llama-3's) is wrapped so that it also takes content lists with image and
+    text parts (see `models.chat`). Adding tokens grows `len(tokenizer)`: the builder sizes embeddings from it.
     """
     if image_token_of(tokenizer) not in tokenizer.get_vocab():
         _add_special(tokenizer, IMAGE_TOKEN)
@@ -46,6 +51,7 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
             if tok not in tokenizer.get_vocab():
                 _add_special(tokenizer, tok)
         tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = accept_content_parts(tokenizer.chat_template, image_token_of(tokenizer))
     if tokenizer.pad_token is None:
         if PAD_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})

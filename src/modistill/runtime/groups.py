@@ -72,9 +72,17 @@ def set_trainable(model: nn.Module, groups: list[str]) -> dict[str, int]:
         param.requires_grad_(group in wanted)
         if group in wanted:
             counts[group] = counts.get(group, 0) + param.numel()
-    missing = [g for g in wanted if g not in counts and g not in ("experts", "routers", "dense_mlp")]
+    optional = {"experts", "routers", "dense_mlp"}
+    if _tied(model):  # the LM head is the embedding matrix (SmolLM2, Qwen2-0.5B): its parameter counts once
+        optional.add("lm_head")
+    missing = [g for g in wanted if g not in counts and g not in optional]
     if missing:
         raise UserError(f"trainable: group {missing[0]!r} has no parameters in this model")
     if not counts:
         raise UserError("trainable: no parameter is trainable with these groups")
     return counts
+
+
+def _tied(model: nn.Module) -> bool:
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embeddings is not None and head.weight is embeddings.weight

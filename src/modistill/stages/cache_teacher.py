@@ -22,7 +22,7 @@ from modistill.runtime.arguments import first_samples
 from modistill.runtime.inputs import output_head
 from modistill.stages import load_stage_config
 from modistill.teacher.cache import TeacherCacheWriter, cache_identity
-from modistill.teacher.compat import check_vocab_compatible
+from modistill.models.vocab import check_vocab_compatible
 from modistill.teacher.fingerprint import model_fingerprint
 from modistill.teacher.live import LiveTeacher
 

@@ -33,7 +33,7 @@ from modistill.runtime.inputs import pair_inputs, pair_logps
 from modistill.runtime.rundir import start_stage
 from modistill.runtime.student import load_student
 from modistill.runtime.trainer import StageTrainer, check_finite
-from modistill.teacher.compat import check_vocab_compatible
+from modistill.models.vocab import check_vocab_compatible
 from modistill.teacher.fingerprint import data_fingerprint, model_fingerprint
 from modistill.teacher.live import freeze
 from modistill.teacher.reference import LiveReference, ReferenceStore, StoredReference, compute_reference

@@ -13,7 +13,7 @@ from modistill.models.load import load_model
 from modistill.runtime.config import DataConfig, TeacherConfig
 from modistill.runtime.inputs import ResponseStates
 from modistill.teacher.cache import TeacherCache, cache_identity
-from modistill.teacher.compat import check_vocab_compatible
+from modistill.models.vocab import check_vocab_compatible
 from modistill.teacher.live import LiveTeacher
 
 
