@@ -31,13 +31,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import torch
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
-
 import benchlib as bl
 import steps
+import torch
 from b3_cached_teacher_step import write_cache
 from b4_preference_reference import store_reference
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+
 from modistill.moe import sparse_blocks
 from modistill.teacher.cache import TeacherCache
 from modistill.teacher.live import LiveTeacher

@@ -16,10 +16,10 @@ import json
 
 import pytest
 import torch
+from helpers import vlm_batch
 
 import modistill.recipes.distill as distill_recipe
 import modistill.recipes.preference as preference_recipe
-from helpers import vlm_batch
 from modistill.config import from_dict
 from modistill.models.load import load_model
 from modistill.train.config import StageConfig

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from modistill.losses.preference import preference_loss
 from modistill.fsdp import CpuFsdpMixin
 from modistill.losses.balance import balance_terms
+from modistill.losses.preference import preference_loss
 from modistill.moe import RouterLogitsCollector, sparse_blocks, top_k_of
 from modistill.train.config import LossConfig
 from modistill.train.pairs import pair_inputs, pair_logps

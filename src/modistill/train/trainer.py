@@ -19,8 +19,8 @@ from transformers import PreTrainedModel, Trainer
 
 from modistill.errors import UserError
 from modistill.fsdp import CpuFsdpMixin
-from modistill.losses.fused import fused_distill_loss
 from modistill.losses.balance import balance_terms
+from modistill.losses.fused import fused_distill_loss
 from modistill.moe import RouterLogitsCollector, sparse_blocks, top_k_of
 from modistill.train.config import LossConfig
 from modistill.train.forward import model_inputs, output_head, response_states
