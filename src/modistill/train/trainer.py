@@ -4,7 +4,8 @@
 
 KD and CE are sums over response tokens divided by the response-token count of the whole
 accumulated batch (across devices too): gradient accumulation and data parallelism do not change
-the loss. The balance loss is counted once (the official code counts it twice). Stage 0 / SFT use
+the loss. The balance loss is counted once (the official code counts it twice), by default with
+the routing statistics of all ranks (modistill.losses.balance). Stage 0 / SFT use
 the same trainer with kd_weight = 0 and no teacher. Checkpointing, resume, schedules, gradient
 accumulation, logging, progress bars and distribution are the Trainer's.
 """
