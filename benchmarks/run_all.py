@@ -53,6 +53,14 @@ HOW_TO_READ = """\
 """
 
 
+GPU_NOTE = """## GPU - the paper's shapes
+
+`benchmarks/gpu_paper_shapes.py` (one GPU, <= 8 min) is not part of `make bench`, which runs on the
+CPU: run it on a GPU machine; it writes `benchmarks/results/gpu_paper_shapes.json` (stage-1b and
+stage-2 steps at the paper's shapes in bf16: tokens/s, peak GPU memory, MFU; TRL GKDTrainer as peer).
+"""
+
+
 def run_one(name: str, quick: bool, env: dict) -> tuple[int, float]:
     command = [sys.executable, str(HERE / f"{name}.py")] + (["--quick"] if quick else [])
     print(f"\n=== {name}: {' '.join(command)}", flush=True)
@@ -91,6 +99,7 @@ def write_report(path: Path, results_dir: Path, names: list[str], status: dict, 
             lines += [table, ""]
         lines += [f"- {note}" for note in r["notes"]]
         lines += [f"- Source: `benchmarks/{name}.py`; raw figures: `benchmarks/results/{name}.json`.", ""]
+    lines.append(GPU_NOTE)
     lines.append(HOW_TO_READ)
     path.write_text("\n".join(lines))
     print(f"\nwrote {path}")

@@ -27,12 +27,12 @@ def training_args(**overrides) -> TrainingArguments:
     return TrainingArguments(**kwargs)
 
 
-def ce_trainer(student) -> Trainer:
+def ce_trainer(student, args: TrainingArguments | None = None) -> Trainer:
     """The Trainer's own SFT step: the model's CE loss on full logits (transformers' ForCausalLMLoss)."""
-    return Trainer(model=student, args=training_args())
+    return Trainer(model=student, args=args or training_args())
 
 
-def distill_trainer(student, teacher_source, **loss):
+def distill_trainer(student, teacher_source, args: TrainingArguments | None = None, **loss):
     """The stage trainer `modistill train` builds: stage 0's CE trainer for kd_weight 0, else stage 1a's
     (stage 1b's for an MoE student)."""
     from modistill.moe import sparse_blocks
@@ -40,24 +40,30 @@ def distill_trainer(student, teacher_source, **loss):
     from modistill.stages.mimic_dense import KDLoss, MimicTrainer
     from modistill.stages.mimic_sparse import SparseKDLoss, SparseMimicTrainer
 
+    args = args or training_args()
     if loss.get("kd_weight") == 0:
-        return CETrainer(model=student, args=training_args(), loss_config=CELoss())
+        return CETrainer(model=student, args=args, loss_config=CELoss())
     if sparse_blocks(student):
-        return SparseMimicTrainer(model=student, args=training_args(), loss_config=SparseKDLoss(**loss),
-                                  teacher=teacher_source)
-    return MimicTrainer(model=student, args=training_args(), loss_config=KDLoss(**loss), teacher=teacher_source)
+        return SparseMimicTrainer(model=student, args=args, loss_config=SparseKDLoss(**loss), teacher=teacher_source)
+    loss.pop("balance_coef", None)  # a dense student has no router to balance
+    return MimicTrainer(model=student, args=args, loss_config=KDLoss(**loss), teacher=teacher_source)
 
 
-def gkd_trainer(student, teacher):
-    """TRL 1.16 GKDTrainer, lmbda=0 (no on-policy generation), beta=0 (forward KL), no Liger, no checkpointing."""
+
+def gkd_trainer(student, teacher, **overrides):
+    """TRL 1.16 GKDTrainer, lmbda=0 (no on-policy generation), beta=0 (forward KL), no Liger, no checkpointing.
+
+    `overrides` replace GKDConfig fields (the GPU benchmark: bf16, use_cpu=False, use_liger_kernel).
+    """
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from modistill.models.tiny import tiny_tokenizer
 
-    config = GKDConfig(output_dir=_TMP, lmbda=0.0, beta=0.0, bf16=False, use_cpu=True, report_to=[],
-                       activation_checkpointing=False, learning_rate=1e-5, max_grad_norm=1.0, disable_tqdm=True,
-                       save_strategy="no", logging_strategy="no", per_device_train_batch_size=4)
+    kwargs = dict(output_dir=_TMP, lmbda=0.0, beta=0.0, bf16=False, use_cpu=True, report_to=[],
+                  activation_checkpointing=False, learning_rate=1e-5, max_grad_norm=1.0, disable_tqdm=True,
+                  save_strategy="no", logging_strategy="no", per_device_train_batch_size=4)
+    config = GKDConfig(**{**kwargs, **overrides})
     # GKDTrainer needs a dataset and a tokenizer to be built; compute_loss uses neither.
     dummy = Dataset.from_list([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
     return GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dummy,

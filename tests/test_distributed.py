@@ -22,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -163,3 +164,28 @@ def test_two_cpu_processes_match_one(tmp_path, scenes_world, teacher_dir, studen
     assert local > 100 * exact, (local, exact)
     print(f"\n2 vs 1 process, |w2 - w1| / |w1 - w0| at balance 0.01: global {exact:.1e}; local {local:.1e} "
           f"(local losses {[round(h['loss'], 5) for h in logs_two]} vs {[round(h['loss'], 5) for h in logs_one]})")
+
+
+def test_global_balance_with_accumulation_matches_one_process(tmp_path, scenes_world, teacher_dir, student_dir):
+    """2 processes x 1 sample x 2 accumulation steps = 1 process x 2 samples x 2 accumulation steps.
+
+    The global statistics are taken over both ranks per micro-batch (modistill.losses.balance): rank r's
+    k-th micro-batch is sample 2k + r, so the union of the ranks' k-th micro-batches is the 1-process run's
+    k-th micro-batch, and the balance term (the mean over micro-batches) is the same loss.
+    """
+    two, one = tmp_path / "two-ga", tmp_path / "one-ga"
+    cfg_two = stage1b(two, scenes_world, teacher_dir, student_dir, 1, 0.01)
+    cfg_one = stage1b(one, scenes_world, teacher_dir, student_dir, 2, 0.01)
+    for cfg in (cfg_two, cfg_one):
+        cfg["train"]["gradient_accumulation_steps"] = 2
+    start = {n: p.detach() for n, p in upcycle(load_model(student_dir).model, 4, 2, "every-other", seed=3)
+             .named_parameters()}
+    ranks = run_two_processes(tmp_path, "ga", cfg_two)
+    run_one_process(one, cfg_one)
+    assert max_difference(ranks["rank0"], ranks["rank1"]) == 0.0
+    rel = relative_difference(saved_weights(two), saved_weights(one), start)
+    assert rel < 1e-3, rel
+    for a, b in zip(train_logs(two), train_logs(one), strict=True):
+        for key in ("loss", "grad_norm", "balance"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (key, a, b)
+    print(f"\n2 x 1 x GA 2 vs 1 x 2 x GA 2, |w2 - w1| / |w1 - w0| at balance 0.01: {rel:.1e}")

@@ -23,11 +23,11 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_distributed import GLOBAL_BATCH, STEPS, relative_difference, run_one_process, saved_weights, stage1b
 from transformers import AutoModelForImageTextToText
 
 from modistill.models.load import load_model
 from modistill.upcycle import upcycle
-from test_distributed import GLOBAL_BATCH, STEPS, relative_difference, run_one_process, saved_weights, stage1b
 
 pytestmark = pytest.mark.distributed
 

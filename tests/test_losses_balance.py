@@ -112,6 +112,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.distributed
 def test_all_reduce_over_two_gloo_processes_gives_the_union_statistics():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
