@@ -74,6 +74,8 @@ def set_trainable(model: nn.Module, groups: list[str]) -> dict[str, int]:
             counts[group] = counts.get(group, 0) + param.numel()
     optional = {"experts", "routers", "dense_mlp"}
     if _tied(model):  # the LM head is the embedding matrix (SmolLM2, Qwen2-0.5B): its parameter counts once
+        if "lm_head" in wanted and "embeddings" not in wanted:
+            raise UserError("trainable: this model's lm_head is tied to its embeddings; train 'embeddings' instead")
         optional.add("lm_head")
     missing = [g for g in wanted if g not in counts and g not in optional]
     if missing:
