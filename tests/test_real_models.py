@@ -179,6 +179,26 @@ def test_stage0_student_is_smollm2_with_a_template_that_takes_images(stage0, smo
     assert [h["step"] for h in _history(stage0)] == [1, 2]
 
 
+def test_smollm2_prompts_are_token_identical_in_training_eval_and_user_code(stage0):
+    from modistill.data.render import IGNORE_INDEX, Renderer
+    from modistill.eval.generate import encode_batch, render_prompt
+
+    model, processor = _load(stage0)
+    image = Image.open(GRACE_HOPPER)
+    sample = {"messages": [{"role": "user", "content": "<image>" + CAPTION_PROMPT},
+                           {"role": "assistant", "content": "A naval officer."}], "images": [str(GRACE_HOPPER)]}
+    rendered = Renderer(processor).render_conversation(sample)
+    training = rendered.input_ids[: next(i for i, x in enumerate(rendered.labels) if x != IGNORE_INDEX)]
+    evaluation = encode_batch(processor, [image], [render_prompt(processor, CAPTION_PROMPT)], model)
+    content = [{"type": "image", "image": image}, {"type": "text", "text": CAPTION_PROMPT}]
+    user = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True, return_tensors="pt")
+    assert evaluation["input_ids"][0].tolist() == training == user["input_ids"][0].tolist()
+    assert training.count(processor.image_token_id) == 16 and training[0] == processor.tokenizer.bos_token_id
+    # The supervised answer ends with SmolLM2's end-of-turn token.
+    assert rendered.response_tokens()[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
 def test_stage1a_distils_the_llm_from_a_smollm2_teacher(stage0, stage1a):
     before, after = _weights(stage0), _weights(stage1a)
     assert not torch.equal(_get(before, ATTENTION), _get(after, ATTENTION))  # the LLM trains in 1a
