@@ -127,6 +127,8 @@ def upcycle(
     dense_cfg = text_config(model)
 
     is_vlm = isinstance(model, LlavaForConditionalGeneration)
+    new_config: Any
+    new_cls: Any
     if is_vlm:
         new_config = copy.deepcopy(model.config)
         new_config.text_config = moe_cfg
@@ -173,7 +175,8 @@ def _upcycled_state_dict(
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
     pattern = re.compile(rf"^{re.escape(lm_prefix)}layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
-    out, ffn = {}, {}
+    out: dict[str, torch.Tensor] = {}
+    ffn: dict[tuple[int, str], torch.Tensor] = {}
     for key, tensor in dense.items():
         match = pattern.match(key)
         if match and int(match.group(1)) in sparse_layers:

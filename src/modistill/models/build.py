@@ -9,6 +9,8 @@ Two ways in, one result (a plain transformers VLM + its `LlavaProcessor`):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import (
     AutoConfig,
@@ -52,7 +54,7 @@ VISION_CLASSES = {
 
 def text_config_from_spec(spec: TextSpec, vocab_size: int) -> PretrainedConfig:
     """A transformers text config with the spec's sizes (dense, or MoE for the *_moe/mixtral types)."""
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -65,7 +67,7 @@ def text_config_from_spec(spec: TextSpec, vocab_size: int) -> PretrainedConfig:
     head_dim = spec.head_dim or spec.hidden_size // spec.num_heads
     if spec.type in ("qwen3", "llama", "mistral", "qwen3_moe", "mixtral"):
         common["head_dim"] = head_dim
-    moe = dict(num_experts_per_tok=spec.top_k)
+    moe: dict[str, Any] = dict(num_experts_per_tok=spec.top_k)
     if spec.type in ("qwen3_moe", "qwen2_moe"):
         sparse = resolve_moe_layers(spec.moe_layers, spec.num_layers)
         moe.update(

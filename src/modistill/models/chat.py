@@ -63,7 +63,7 @@ _PRELUDE = (
 def accept_content_parts(template: str | dict[str, str], image_token: str = IMAGE_TOKEN) -> str | dict[str, str]:
     """`template` made to accept content lists with image/text parts (idempotent; named templates each)."""
     if isinstance(template, dict):
-        return {name: accept_content_parts(t, image_token) for name, t in template.items()}
+        return {name: str(accept_content_parts(t, image_token)) for name, t in template.items()}
     if CONTENT_PARTS_MARK in template or template == CHATML_TEMPLATE:
         return template  # already done, or modistill's own template (which reads parts itself)
     prelude = _PRELUDE.replace("IMAGE_TOKEN_TEXT", _jinja_string(image_token))

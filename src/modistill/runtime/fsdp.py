@@ -17,11 +17,12 @@ from __future__ import annotations
 import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from transformers import Trainer
 
 from modistill.errors import UserError
 
 
-class CpuFsdpMixin:
+class CpuFsdpMixin(Trainer):
     """Trainer mixin: honour `fsdp` / `fsdp_config` on CPU processes as on GPUs (FSDP2 only)."""
 
     def create_accelerator_and_postprocess(self) -> None:

@@ -19,6 +19,7 @@ projector, 1b and 2 experts, routers, dense FFNs and projector).
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from torch import nn
 
@@ -85,6 +86,6 @@ def set_trainable(model: nn.Module, groups: list[str]) -> dict[str, int]:
     return counts
 
 
-def _tied(model: nn.Module) -> bool:
+def _tied(model: Any) -> bool:
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     return head is not None and embeddings is not None and head.weight is embeddings.weight

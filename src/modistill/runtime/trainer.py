@@ -31,7 +31,7 @@ def check_finite(loss: torch.Tensor, step: int, sample_ids) -> None:
         )
 
 
-class StageTrainer(CpuFsdpMixin, Trainer):
+class StageTrainer(CpuFsdpMixin):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._sums: dict[str, float] = defaultdict(float)
