@@ -163,7 +163,7 @@ def test_json_list_records_carry_their_start_line(root, chunk, monkeypatch):
 def test_json_list_problem_reports_the_line(root, proc):
     path = root / "c.json"
     path.write_text(JSON_LIST)
-    with pytest.raises(UserError, match=rf"^{path}:8: sample bad: {BAD_IMAGE}"):
+    with pytest.raises(UserError, match=rf"^{path}:8: sample bad \(item 2 of the list\): {BAD_IMAGE}"):
         load(path, proc, root)
     data = load(path, proc, root, on_bad_sample="skip", verbose=False)
     assert [(p.line, p.sample_id, p.reason) for p in data.problems] == [

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from modistill.data.image_safety import UnsafeImage, open_image
 from modistill.data.render import IGNORE_INDEX, Renderer, RenderedSample, image_expansion
 from modistill.data.validate import SampleProblem
 from modistill.errors import UserError
@@ -79,9 +80,9 @@ class _ImageLoader:
     def __call__(self, path: str, row: dict[str, Any]) -> Image.Image:
         if path not in self.cache:
             try:
-                with Image.open(path) as im:
+                with open_image(path) as im:  # regular files within the pixel bound only
                     self.cache[path] = im.convert("RGB")
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            except (OSError, SyntaxError, ValueError, UnsafeImage, Image.DecompressionBombError) as exc:
                 raise UserError(f"{_where(row)}: cannot load image {path} ({exc})") from None
         return self.cache[path]
 
