@@ -20,7 +20,9 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     from modistill.upcycle import plan_upcycle, upcycle
 
     # Refuse bad requests before the (possibly long) load of the weights.
-    check_output_dir(args.out, args.overwrite)
+    # --overwrite replaces only an earlier upcycle output, never the source model or a folder holding it.
+    out_rules = {"inputs": [args.model], "legacy": ("upcycle.json",)}
+    check_output_dir(args.out, args.overwrite, **out_rules)
     config = model_io.load_config(args.model, args.trust_remote_code)
     model_io.check_supported(config, args.model)
     plan_upcycle(config, args.num_experts, args.top_k, args.layers)
@@ -28,7 +30,7 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     moe = upcycle(
         loaded.model, args.num_experts, args.top_k, args.layers, router_std=args.router_std, seed=args.seed
     )
-    with atomic_output_dir(args.out, args.overwrite) as tmp:
+    with atomic_output_dir(args.out, args.overwrite, kind="upcycled-model", **out_rules) as tmp:
         model_io.save_model(moe, loaded.processor, tmp)
         write_json_atomic(
             tmp / "upcycle.json",
@@ -96,11 +98,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if cfg.stage == "preference":
         from modistill.recipes.preference import run_preference
 
-        run_preference(cfg, fresh=args.fresh)
+        run_preference(cfg, fresh=args.fresh, resume_with_changes=args.resume_with_changes)
     else:
         from modistill.recipes.distill import run_distill
 
-        run_distill(cfg, fresh=args.fresh)
+        run_distill(cfg, fresh=args.fresh, resume_with_changes=args.resume_with_changes)
     return 0
 
 
@@ -109,6 +111,8 @@ def _add_train(sub) -> None:
     p.add_argument("config", help="stage YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.learning_rate=1e-5")
     p.add_argument("--fresh", action="store_true", help="discard this stage's previous run and start over")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="resume from the last checkpoint although the config or data changed (e.g. a lower learning rate)")
     p.set_defaults(func=_cmd_train)
 
 

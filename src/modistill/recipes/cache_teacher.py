@@ -33,7 +33,7 @@ def run_cache_teacher(cfg: CacheConfig, overwrite: bool = False) -> dict:
     data = load_conversations(
         cfg.data.train, image_root=cfg.data.image_root, processor=processor, max_length=cfg.data.max_length,
         on_bad_sample=cfg.data.on_bad_sample, report_dir=None, teacher_processor=teacher.processor,
-        cache_dir=cfg.data.cache_dir,
+        cache_dir=cfg.data.cache_dir, allow_outside_root=cfg.data.allow_outside_root,
     )
     dataset = first_samples(data.dataset, cfg.data.max_samples)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=data.collator(), shuffle=False)
@@ -41,7 +41,9 @@ def run_cache_teacher(cfg: CacheConfig, overwrite: bool = False) -> dict:
     identity = cache_identity(cfg.data, processor.tokenizer, rows, cfg.temperature, cfg.top_k,
                               teacher=cfg.teacher.path, teacher_fingerprint=model_fingerprint(cfg.teacher.path))
     weight, bias = output_head(live.model)
-    with atomic_output_dir(cfg.output_dir, overwrite) as tmp:
+    inputs = [cfg.teacher.path, cfg.student, cfg.data.image_root, *cfg.data.train]
+    with atomic_output_dir(cfg.output_dir, overwrite, kind="teacher-cache", inputs=inputs,
+                           legacy=("manifest.json",)) as tmp:
         writer = TeacherCacheWriter(tmp, identity, shard_size=cfg.shard_size)
         for batch in tqdm(loader, desc="caching teacher", unit="batch"):
             states = live.forward(batch)

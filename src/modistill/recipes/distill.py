@@ -22,12 +22,12 @@ from modistill.train.run import MaxTimeCallback, first_samples, load_student, op
 from modistill.train.trainer import DistillTrainer
 
 
-def run_distill(cfg: StageConfig, fresh: bool = False) -> dict:
+def run_distill(cfg: StageConfig, fresh: bool = False, resume_with_changes: bool = False) -> dict:
     # 1. Config and run directory: a finished stage is skipped, an interrupted one resumes.
     if cfg.stage not in ("align", "sft", "mimic"):
         raise UserError(f"stage {cfg.stage!r} is not a mimic/align/sft stage")
     args = training_arguments(cfg)
-    run = open_run_dir(cfg, args, fresh=fresh)
+    run = open_run_dir(cfg, args, fresh=fresh, resume_with_changes=resume_with_changes)
     if run.done:
         print(f"{cfg.output_dir}: stage already finished (metrics.json); use --fresh to run it again")
         return run.metrics()
@@ -58,12 +58,13 @@ def run_distill(cfg: StageConfig, fresh: bool = False) -> dict:
     data = load_conversations(
         cfg.data.train, image_root=cfg.data.image_root, processor=processor, max_length=cfg.data.max_length,
         on_bad_sample=cfg.data.on_bad_sample, report_dir=cfg.output_dir, teacher_processor=teacher_processor,
-        cache_dir=cfg.data.cache_dir,
+        cache_dir=cfg.data.cache_dir, allow_outside_root=cfg.data.allow_outside_root,
     )
     dataset = first_samples(data.dataset, cfg.data.max_samples)
+    run.check_samples(len(dataset))  # a resume must see the samples the run started on
 
     # 4. Loop: the Trainer (schedules, accumulation, checkpoints, resume, distribution).
-    callbacks = [MaxTimeCallback(cfg.train.max_time_s)] if cfg.train.max_time_s else []
+    callbacks = ([MaxTimeCallback(cfg.train.max_time_s)] if cfg.train.max_time_s else []) + run.callbacks
     trainer = DistillTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=data.collator(),
         processing_class=processor, loss_config=loss_cfg, teacher=teacher, callbacks=callbacks,

@@ -24,12 +24,12 @@ from modistill.train.preference_trainer import LiveReference, PreferenceTrainer,
 from modistill.train.run import MaxTimeCallback, first_samples, load_student, open_run_dir, training_arguments
 
 
-def run_preference(cfg: StageConfig, fresh: bool = False) -> dict:
+def run_preference(cfg: StageConfig, fresh: bool = False, resume_with_changes: bool = False) -> dict:
     # 1. Config and run directory.
     if cfg.stage != "preference":
         raise UserError(f"stage {cfg.stage!r} is not a preference stage")
     args = training_arguments(cfg)
-    run = open_run_dir(cfg, args, fresh=fresh)
+    run = open_run_dir(cfg, args, fresh=fresh, resume_with_changes=resume_with_changes)
     if run.done:
         print(f"{cfg.output_dir}: stage already finished (metrics.json); use --fresh to run it again")
         return run.metrics()
@@ -47,9 +47,10 @@ def run_preference(cfg: StageConfig, fresh: bool = False) -> dict:
     data = load_preferences(
         cfg.data.train, image_root=cfg.data.image_root, processor=processor, max_length=cfg.data.max_length,
         on_bad_sample=cfg.data.on_bad_sample, report_dir=cfg.output_dir, teacher_processor=teacher.processor,
-        cache_dir=cfg.data.cache_dir,
+        cache_dir=cfg.data.cache_dir, allow_outside_root=cfg.data.allow_outside_root,
     )
     dataset = first_samples(data.dataset, cfg.data.max_samples)
+    run.check_samples(len(dataset))  # a resume must see the samples the run started on
     collator = data.collator()
     pad_id = processor.tokenizer.pad_token_id
 
@@ -71,7 +72,7 @@ def run_preference(cfg: StageConfig, fresh: bool = False) -> dict:
         reference = LiveReference(teacher.model, cfg.loss.logps, pad_id, cfg.loss.chunk_size)
 
     # 5. Loop.
-    callbacks = [MaxTimeCallback(cfg.train.max_time_s)] if cfg.train.max_time_s else []
+    callbacks = ([MaxTimeCallback(cfg.train.max_time_s)] if cfg.train.max_time_s else []) + run.callbacks
     trainer = PreferenceTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=collator,
         processing_class=processor, loss_config=cfg.loss, reference=reference, pad_id=pad_id, callbacks=callbacks,

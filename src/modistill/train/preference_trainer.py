@@ -16,7 +16,8 @@ from modistill.losses.preference import preference_loss
 from modistill.moe import RouterLogitsCollector, balance_loss, sparse_blocks
 from modistill.train.config import LossConfig
 from modistill.train.pairs import pair_inputs, pair_logps
-from modistill.train.trainer import MetricsMixin, ResumeMixin, check_finite
+from modistill.guards import GuardMixin, check_finite
+from modistill.train.trainer import MetricsMixin, ResumeMixin
 
 
 class LiveReference:
@@ -46,7 +47,7 @@ class StoredReference:
         return self.store.lookup(batch["sample_ids"])
 
 
-class PreferenceTrainer(ResumeMixin, MetricsMixin, Trainer):
+class PreferenceTrainer(GuardMixin, ResumeMixin, MetricsMixin, Trainer):
     loss_is_scaled_for_ga = False  # a per-pair mean: the Trainer divides by the accumulation steps
 
     def __init__(self, *args, loss_config: LossConfig, reference, pad_id: int, **kwargs):
@@ -57,6 +58,7 @@ class PreferenceTrainer(ResumeMixin, MetricsMixin, Trainer):
         self.is_moe = bool(sparse_blocks(self.model))
         self.router_collector = RouterLogitsCollector(self.model) if self.is_moe else None
         self._init_metrics()
+        self._init_guard()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.loss_config
@@ -87,6 +89,6 @@ class PreferenceTrainer(ResumeMixin, MetricsMixin, Trainer):
         self._record("rewards/accuracy", (margins > 0).float().sum().item(), n)
         self._record("logps/chosen", policy_chosen.detach().sum().item(), n)
         self._record("logps/rejected", policy_rejected.detach().sum().item(), n)
-        check_finite(loss, self.state.global_step, inputs.get("sample_ids", []))
+        check_finite(loss, self.state.global_step + 1, inputs.get("sample_ids", []), self.args.output_dir)
         self._tokens_since_log += int(pair["attention_mask"].sum())
         return (loss, None) if return_outputs else loss

@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel, Trainer
 
 from modistill.errors import UserError
+from modistill.guards import GuardMixin, check_finite
 from modistill.losses.fused import fused_distill_loss
 from modistill.moe import RouterLogitsCollector, balance_loss, expert_load, sparse_blocks, top_k_of
 from modistill.train.config import LossConfig
@@ -69,15 +70,7 @@ class MetricsMixin:
         super().log(logs, *args, **kwargs)
 
 
-def check_finite(loss: torch.Tensor, step: int, sample_ids) -> None:
-    if not torch.isfinite(loss.detach()).all():
-        raise UserError(
-            f"step {step}: loss is {loss.item()} (samples {', '.join(map(str, list(sample_ids)[:4]))}); "
-            f"lower the learning rate, check these samples, or use fp32/bf16 instead of fp16"
-        )
-
-
-class DistillTrainer(ResumeMixin, MetricsMixin, Trainer):
+class DistillTrainer(GuardMixin, ResumeMixin, MetricsMixin, Trainer):
     """Trainer for stages 0 / SFT / 1a / 1b. `teacher` is a `TeacherSource` or None."""
 
     # compute_loss divides token losses by the accumulated batch's token count itself.
@@ -92,6 +85,7 @@ class DistillTrainer(ResumeMixin, MetricsMixin, Trainer):
         self._load_sum: torch.Tensor | None = None
         self._load_count = 0
         self._init_metrics()
+        self._init_guard()
         if loss_config.kd_weight > 0 and teacher is None:
             raise UserError("loss.kd_weight > 0 needs a teacher (or a teacher cache)")
 
@@ -126,7 +120,7 @@ class DistillTrainer(ResumeMixin, MetricsMixin, Trainer):
             loss = loss + cfg.balance_coef * balance / self.current_gradient_accumulation_steps
             self._record("balance", balance.item())
             self._accumulate_load(router_logits, student_inputs["attention_mask"])
-        check_finite(loss, self.state.global_step, inputs.get("sample_ids", []))
+        check_finite(loss, self.state.global_step + 1, inputs.get("sample_ids", []), self.args.output_dir)
         self._tokens_since_log += int(student_inputs["attention_mask"].sum())
         return (loss, None) if return_outputs else loss
 
