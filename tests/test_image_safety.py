@@ -60,11 +60,13 @@ def test_paths_outside_the_image_root_are_refused_unless_allowed(layout, proc, e
     assert allowed.dataset["id"] == ["good", "sneaky"]
 
 
-def test_a_symlink_out_of_the_root_is_refused(layout, proc):
-    os.symlink(layout / "outside" / "secret.png", layout / "data" / "link.png")
-    data = write(layout / "data" / "train.jsonl", [conv("linked", "link.png")])
+def test_a_symlinked_folder_inside_the_root_is_followed(layout, proc):
+    # Only `..` and absolute paths (what a data file can write) are confined; a link someone put on disk is theirs.
+    os.symlink(layout / "outside", layout / "data" / "linked")
+    data = write(layout / "data" / "train.jsonl", [conv("linked", "linked/secret.png"),
+                                                    conv("escape", "linked/../../outside/secret.png")])
     _, problems = check_data([data], proc, max_length=256)
-    assert [p.reason for p in problems] == [IMAGE_OUTSIDE_ROOT]
+    assert [(p.sample_id, p.reason) for p in problems] == [("escape", IMAGE_OUTSIDE_ROOT)]
 
 
 def _finishes(fn, seconds: float = 20.0):

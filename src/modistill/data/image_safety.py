@@ -41,12 +41,17 @@ class ImageRoot:
 
 
 def confine(path: str | Path, root: str | Path, fix: str = f"move it under the root, or set {ALLOW_KEY}") -> Path:
-    """`path` with symlinks and `..` resolved; raises `UnsafeImage` if that lies outside `root`."""
-    real = Path(os.path.realpath(path))
-    real_root = Path(os.path.realpath(root))
-    if real != real_root and real_root not in real.parents:
+    """`path` made absolute with `..` resolved; raises `UnsafeImage` if that lies outside `root`.
+
+    The check is on the path as written (`..`, absolute paths): that is what a data file controls.
+    Symlinks inside the root are followed, since only someone with access to the disk can put them
+    there (a dataset's image folder linked into a project is common and intended).
+    """
+    normal = Path(os.path.abspath(path))
+    normal_root = Path(os.path.abspath(root))
+    if normal != normal_root and normal_root not in normal.parents:
         raise UnsafeImage(f"{path} is outside the image root {root} ({fix})")
-    return real
+    return normal
 
 
 def check_regular_file(path: str | Path) -> os.stat_result:
