@@ -19,7 +19,7 @@ def test_overwrite_refuses_a_directory_modistill_did_not_write(tmp_path):
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     with pytest.raises(UserError, match="not a directory modistill wrote"):
-        with atomic_output_dir(out, overwrite=True):
+        with atomic_output_dir(out, overwrite=True, kind="teacher-cache"):
             pass
     assert (out / "thesis.tex").read_text() == "years of work"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]  # no temporary left behind
@@ -31,11 +31,14 @@ def test_overwrite_replaces_its_own_output_atomically(tmp_path):
         (tmp / "a.txt").write_text("first")
     assert json.loads((out / MARKER).read_text())["kind"] == "teacher-cache" and is_ours(out)
     with pytest.raises(RuntimeError):  # a failure part-way leaves the previous version
-        with atomic_output_dir(out, overwrite=True) as tmp:
+        with atomic_output_dir(out, overwrite=True, kind="teacher-cache") as tmp:
             (tmp / "a.txt").write_text("half")
             raise RuntimeError("crash")
     assert (out / "a.txt").read_text() == "first"
-    with atomic_output_dir(out, overwrite=True) as tmp:
+    with pytest.raises(UserError, match="not a directory modistill wrote as upcycled-model"):
+        with atomic_output_dir(out, overwrite=True, kind="upcycled-model"):  # another kind of output
+            pass
+    with atomic_output_dir(out, overwrite=True, kind="teacher-cache") as tmp:
         (tmp / "b.txt").write_text("second")
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
@@ -92,3 +95,18 @@ def test_a_directory_from_before_the_marker_is_recognised_by_its_files(tmp_path)
     (old / "upcycle.json").write_text("{}")
     assert is_ours(old, legacy=("upcycle.json",)) and not is_ours(old)
     assert is_ours(tmp_path / "absent") and not is_ours(tmp_path / "old-upcycle" / "upcycle.json")
+
+
+def test_training_neither_takes_over_nor_deletes_another_kind_of_modistill_output(tmp_path, scenes_world):
+    from modistill.train.run import RunDir
+    from test_train_stages import stage_config
+
+    model = tmp_path / "moe"
+    with atomic_output_dir(model, kind="upcycled-model") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"weights")
+    cfg = stage_config("align", model, {"path": "student"}, scenes_world, loss={"ce_weight": 1.0})
+    with pytest.raises(UserError, match="refusing to delete it"):
+        RunDir(cfg, fresh=True)
+    with pytest.raises(UserError, match="holds other files"):
+        RunDir(cfg)
+    assert (model / "model.safetensors").read_bytes() == b"weights"

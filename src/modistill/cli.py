@@ -21,7 +21,7 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
 
     # Refuse bad requests before the (possibly long) load of the weights.
     # --overwrite replaces only an earlier upcycle output, never the source model or a folder holding it.
-    out_rules = {"inputs": [args.model], "legacy": ("upcycle.json",)}
+    out_rules = {"inputs": [args.model], "legacy": ("upcycle.json",), "kind": "upcycled-model"}
     check_output_dir(args.out, args.overwrite, **out_rules)
     config = model_io.load_config(args.model, args.trust_remote_code)
     model_io.check_supported(config, args.model)
@@ -30,7 +30,7 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     moe = upcycle(
         loaded.model, args.num_experts, args.top_k, args.layers, router_std=args.router_std, seed=args.seed
     )
-    with atomic_output_dir(args.out, args.overwrite, kind="upcycled-model", **out_rules) as tmp:
+    with atomic_output_dir(args.out, args.overwrite, **out_rules) as tmp:
         model_io.save_model(moe, loaded.processor, tmp)
         write_json_atomic(
             tmp / "upcycle.json",
@@ -112,7 +112,8 @@ def _add_train(sub) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.learning_rate=1e-5")
     p.add_argument("--fresh", action="store_true", help="discard this stage's previous run and start over")
     p.add_argument("--resume-with-changes", action="store_true",
-                   help="resume from the last checkpoint although the config or data changed (e.g. a lower learning rate)")
+                   help="resume from the last checkpoint although the config or data changed "
+                        "(e.g. a lower learning rate)")
     p.set_defaults(func=_cmd_train)
 
 

@@ -27,13 +27,22 @@ def mark(path: str | Path, kind: str) -> None:
     write_json_atomic(Path(path) / MARKER, {"kind": kind, "version": __version__})
 
 
-def is_ours(path: str | Path, legacy: tuple[str, ...] = ()) -> bool:
-    """True when `path` is absent or empty, holds the marker, or holds one of the `legacy` names."""
+def is_ours(path: str | Path, legacy: tuple[str, ...] = (), kind: str | None = None) -> bool:
+    """True when `path` is absent or empty, holds the marker (of `kind`, if given), or one of the `legacy` names.
+
+    The kind matters: a training run must not take over (and `--fresh` delete) an upcycled model.
+    """
     path = Path(path)
     if not path.is_dir():
         return not path.exists()
     names = {p.name for p in path.iterdir()}
-    return not names or MARKER in names or bool(names & set(legacy))
+    if MARKER in names:
+        try:
+            written = json.loads((path / MARKER).read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            written = None
+        return kind is None or written == kind
+    return not names or bool(names & set(legacy))
 
 
 def check_not_input(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
@@ -49,7 +58,8 @@ def check_not_input(out: str | Path, inputs: Iterable[str | Path | None]) -> Non
 
 
 def check_output_dir(out: str | Path, overwrite: bool, flag: str = "--overwrite",
-                     inputs: Iterable[str | Path | None] = (), legacy: tuple[str, ...] = ()) -> Path:
+                     inputs: Iterable[str | Path | None] = (), legacy: tuple[str, ...] = (),
+                     kind: str | None = None) -> Path:
     """Refuse an existing non-empty output unless overwriting is allowed and the directory is modistill's."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -58,9 +68,9 @@ def check_output_dir(out: str | Path, overwrite: bool, flag: str = "--overwrite"
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out}: output directory exists and is not empty; pass {flag} or choose another path")
-        if not is_ours(out, legacy):
-            raise UserError(f"{out}: not a directory modistill wrote (no {MARKER} file); refusing to replace it "
-                            f"with {flag}: choose another path, or remove it yourself")
+        if not is_ours(out, legacy, kind):
+            raise UserError(f"{out}: not a directory modistill wrote as {kind or 'this output'} (see its {MARKER} "
+                            f"file); refusing to replace it with {flag}: choose another path, or remove it yourself")
     return out
 
 
@@ -73,7 +83,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, flag: str = "--o
     directory modistill wrote is replaced (see `check_output_dir`).
     """
     inputs = list(inputs)
-    out = check_output_dir(out, overwrite, flag, inputs, legacy)
+    out = check_output_dir(out, overwrite, flag, inputs, legacy, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
     tmp = out.parent / f".{out.name}.tmp-{token}"
@@ -81,7 +91,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, flag: str = "--o
     try:
         yield tmp
         mark(tmp, kind)
-        check_output_dir(out, overwrite, flag, inputs, legacy)  # again: something may have appeared meanwhile
+        check_output_dir(out, overwrite, flag, inputs, legacy, kind)  # again: something may have appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -249,7 +249,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False, 
     marker = out / "demo.json"
     plan = QUICK if quick else FULL
     settings = {"seed": seed, "quick": quick, "plan": to_dict(plan)}
-    ours = out.is_dir() and is_ours(out, legacy=("demo.json",)) and (marker.is_file() or not any(out.iterdir()))
+    ours = out.is_dir() and is_ours(out, legacy=("demo.json",), kind="demo") and (marker.is_file() or not any(out.iterdir()))
     if fresh and out.exists():
         if not ours:
             raise UserError(f"{out}: not a demo directory; refusing to delete it (choose another --out)")

@@ -131,7 +131,8 @@ def load_eval_file(path: str | Path, name: str | None = None, image_root: str | 
         except UnsafeImage as exc:
             raise UserError(f"{w}: image {exc}") from None
         except OSError:
-            raise UserError(f"{w}: image {image} not found; pass --image-root DIR (the folder the image paths are relative to)") from None
+            raise UserError(f"{w}: image {image} not found; pass --image-root DIR "
+                            f"(the folder the image paths are relative to)") from None
     scenes = [Scene.from_json(row["scene"], where=w) for row, w in zip(rows, where)] if kind == "captions" else []
     return EvalSet(name or kind, kind, path, rows, where, root, scenes)
 

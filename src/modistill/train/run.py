@@ -75,7 +75,7 @@ class RunDir:
         self.callbacks.append(self.clock)
 
     def _is_ours(self) -> bool:
-        return is_ours(self.path, legacy=("stage.yaml", "metrics.json", "checkpoints"))
+        return is_ours(self.path, legacy=("stage.yaml", "metrics.json", "checkpoints"), kind="run")
 
     def _check_finished(self) -> None:
         """A finished stage re-run must ask for what it finished with; anything else is a new run."""
