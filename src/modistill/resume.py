@@ -36,28 +36,29 @@ def config_changes(saved_yaml: str, current_yaml: str) -> list[str]:
     return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 
 
-def learning_rate_of(config_yaml: str) -> float | None:
-    value = (yaml.safe_load(config_yaml) or {}).get("train", {}).get("learning_rate")
-    return float(value) if value is not None else None
-
-
 class ApplyLearningRate(TrainerCallback):
-    """On resume, scale the restored optimizer/scheduler rates by new_lr / old_lr (the schedule keeps its shape)."""
+    """On resume, scale the restored optimizer/scheduler rates to `new_lr` (the schedule keeps its shape).
 
-    def __init__(self, old_lr: float, new_lr: float):
-        self.ratio = new_lr / old_lr
+    The old rate is the restored scheduler's base rate, so every process (each has its own optimizer
+    replica under data parallelism) computes the same ratio from the same checkpoint.
+    """
+
+    def __init__(self, new_lr: float):
+        self.new_lr = new_lr
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         # Called after the Trainer loaded the checkpoint's optimizer and scheduler states.
-        if optimizer is not None:
-            for group in optimizer.param_groups:
-                group["lr"] *= self.ratio
-                if "initial_lr" in group:
-                    group["initial_lr"] *= self.ratio
-        if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
-            lr_scheduler.base_lrs = [lr * self.ratio for lr in lr_scheduler.base_lrs]
-            if hasattr(lr_scheduler, "_last_lr"):
-                lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        base_lrs = getattr(lr_scheduler, "base_lrs", None)
+        if optimizer is None or not base_lrs or not base_lrs[0] or base_lrs[0] == self.new_lr:
+            return
+        ratio = self.new_lr / base_lrs[0]
+        for group in optimizer.param_groups:
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+        lr_scheduler.base_lrs = [lr * ratio for lr in base_lrs]
+        if hasattr(lr_scheduler, "_last_lr"):  # what the Trainer logs as this step's learning_rate
+            lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def prior_runtime(checkpoint: str | Path | None) -> float:

@@ -36,7 +36,7 @@ from modistill.io import is_ours, mark, write_json_atomic, write_text_atomic
 from modistill.models.build import build_vlm
 from modistill.models.load import load_model
 from modistill.train.config import StageConfig, StudentConfig
-from modistill.resume import ApplyLearningRate, SegmentClock, config_changes, learning_rate_of
+from modistill.resume import ApplyLearningRate, SegmentClock, config_changes
 from modistill.upcycle import upcycle
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -73,6 +73,8 @@ class RunDir:
             self._check_or_write_config()
         self.clock = SegmentClock(self.resume_from)
         self.callbacks.append(self.clock)
+        if self.resume_from is not None and resume_with_changes:  # on every rank: each has an optimizer
+            self.callbacks.append(ApplyLearningRate(cfg.train.learning_rate))
 
     def _is_ours(self) -> bool:
         return is_ours(self.path, legacy=("stage.yaml", "metrics.json", "checkpoints"), kind="run")
@@ -123,9 +125,6 @@ class RunDir:
             )
         if changes:
             print(f"resuming from {name} with changes (--resume-with-changes): {'; '.join(changes)}", flush=True)
-            old_lr, new_lr = learning_rate_of(old_text), self.cfg.train.learning_rate
-            if old_lr and new_lr != old_lr:
-                self.callbacks.append(ApplyLearningRate(old_lr, new_lr))
         state = json.loads((Path(self.resume_from) / "trainer_state.json").read_text())
         print(f"resuming from {name} (step {state.get('global_step')} of {state.get('max_steps')})", flush=True)
 
