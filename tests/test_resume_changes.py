@@ -97,3 +97,19 @@ def test_an_orphan_final_copy_is_removed_on_the_next_run(tmp_path, world_copy, s
     (orphan / "model.safetensors").write_bytes(b"half a model")
     RunDir(_cfg(out, world_copy, student_dir))
     assert not orphan.exists() and (out / "stage.yaml").is_file()
+
+
+def test_a_different_sample_count_on_resume_is_refused(tmp_path, world_copy, student_dir):
+    # The data files can stay the same while the kept samples change (skip mode, images fixed or gone).
+    out = tmp_path / "run"
+    RunDir(_cfg(out, world_copy, student_dir)).check_samples(48)
+    checkpoint = out / "checkpoints" / "checkpoint-1"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 1, "max_steps": 3}))
+    (checkpoint / "model.safetensors").write_bytes(b"")
+    run = RunDir(_cfg(out, world_copy, student_dir))
+    assert run.resume_from == str(checkpoint)
+    with pytest.raises(UserError, match=r"started on 48 samples, the data now gives 45; .*--resume-with-changes"):
+        run.check_samples(45)
+    RunDir(_cfg(out, world_copy, student_dir), resume_with_changes=True).check_samples(45)
+    assert json.loads((out / "data.json").read_text())["samples"] == 45
