@@ -35,8 +35,8 @@ from modistill.guards import check_finite_model
 from modistill.io import is_ours, mark, write_json_atomic, write_text_atomic
 from modistill.models.build import build_vlm
 from modistill.models.load import load_model
-from modistill.train.config import StageConfig, StudentConfig
 from modistill.resume import ApplyLearningRate, SegmentClock, config_changes
+from modistill.train.config import StageConfig, StudentConfig
 from modistill.upcycle import upcycle
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -106,7 +106,9 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         mark(self.path, "run")
         write_text_atomic(saved, text)
-        write_json_atomic(self.path / DATA_FILE, self.data)
+        # A resume keeps the recorded sample count until check_samples has compared it (on every rank).
+        samples = (self.stored_data or {}).get("samples") if self.resume_from is not None else None
+        write_json_atomic(self.path / DATA_FILE, {**self.data, **({"samples": samples} if samples else {})})
 
     def _check_resume(self, saved: Path, text: str) -> None:
         """Resume only on the config and data the run started with, unless changes are allowed."""
