@@ -306,3 +306,10 @@ def test_skip_report_is_rewritten_when_nothing_is_skipped(root, proc):
     (root / "report" / "skipped.jsonl").write_text('{"id": "old"}\n')
     data = load(write_jsonl(root / "c.jsonl", [conv("a")]), proc, root, on_bad_sample="skip", report_dir=root / "report")
     assert data.problems == [] and (root / "report" / "skipped.jsonl").read_text() == ""
+
+
+def test_training_load_says_how_many_answers_it_truncated(root, proc, capsys):
+    path = write_jsonl(root / "c.jsonl", [conv("short"), conv("long", answer="red. " * 200)])
+    data = load(path, proc, root)
+    assert data.stats.truncated == 1
+    assert "truncated 1 of 2 sequences to max_length 256 (their answers are cut" in capsys.readouterr().out
