@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,19 @@ def smollm2_gguf() -> Path | None:
 
 def write_data(photos: dict[str, Path], out: Path) -> tuple[Path, Path]:
     """LLaVA conversations and RLAIF-V pairs about the photo variants; returns (conversations, pairs)."""
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
     names = sorted(photos)
+    # Under the data file's folder (the default image root), named relative to it as user data would be.
+    image = {name: f"images/{name}{photos[name].suffix}" for name in names}
+    for name in names:
+        shutil.copy(photos[name], out / image[name])
     conversations = [
-        {"id": f"c-{name}", "image": str(photos[name]),
+        {"id": f"c-{name}", "image": image[name],
          "conversations": [{"from": "human", "value": "<image>\n" + CAPTION_PROMPT}, {"from": "gpt", "value": ANSWER}]}
         for name in names
     ]
     pairs = [
-        {"id": f"p-{name}", "image": str(photos[name]), "question": "<image>\nWho is shown?",
+        {"id": f"p-{name}", "image": image[name], "question": "<image>\nWho is shown?",
          "chosen": "A naval officer.", "rejected": "A cat on a sofa."}
         for name in names[:2]
     ]

@@ -163,7 +163,7 @@ def test_json_list_records_carry_their_start_line(root, chunk, monkeypatch):
 def test_json_list_problem_reports_the_line(root, proc):
     path = root / "c.json"
     path.write_text(JSON_LIST)
-    with pytest.raises(UserError, match=rf"^{path}:8: sample bad: {BAD_IMAGE}"):
+    with pytest.raises(UserError, match=rf"^{path}:8: sample bad \(item 2 of the list\): {BAD_IMAGE}"):
         load(path, proc, root)
     data = load(path, proc, root, on_bad_sample="skip", verbose=False)
     assert [(p.line, p.sample_id, p.reason) for p in data.problems] == [
@@ -306,3 +306,10 @@ def test_skip_report_is_rewritten_when_nothing_is_skipped(root, proc):
     (root / "report" / "skipped.jsonl").write_text('{"id": "old"}\n')
     data = load(write_jsonl(root / "c.jsonl", [conv("a")]), proc, root, on_bad_sample="skip", report_dir=root / "report")
     assert data.problems == [] and (root / "report" / "skipped.jsonl").read_text() == ""
+
+
+def test_training_load_says_how_many_answers_it_truncated(root, proc, capsys):
+    path = write_jsonl(root / "c.jsonl", [conv("short"), conv("long", answer="red. " * 200)])
+    data = load(path, proc, root)
+    assert data.stats.truncated == 1
+    assert "truncated 1 of 2 sequences to max_length 256 (their answers are cut" in capsys.readouterr().out

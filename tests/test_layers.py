@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "modistill"
 
 # Bottom to top. The first path component under modistill/ names the layer (a module or a package).
 LAYERS = [
-    {"errors", "config", "io", "__init__"},
+    {"errors", "config", "io", "faults", "__init__"},
     {"losses"},
     {"models", "upcycle", "moe", "info"},
     {"scenes"},

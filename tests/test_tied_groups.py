@@ -9,7 +9,7 @@ import pytest
 from modistill.errors import UserError
 from modistill.models.build import build_vlm
 from modistill.models.tiny import tiny_spec
-from modistill.train.groups import set_trainable
+from modistill.runtime.groups import set_trainable
 
 
 def test_llm_group_trains_tied_embeddings_once(tok_dir):

@@ -20,14 +20,16 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     from modistill.upcycle import copy_processor_files, load_dense_model, plan_upcycle, upcycle
 
     # Refuse bad requests before the (possibly long) load of the weights.
-    check_output_dir(args.out, args.overwrite)
+    # --overwrite replaces only an earlier upcycle output, never the source model or a folder holding it.
+    out_rules = {"inputs": [args.model], "legacy": ("upcycle.json",), "kind": "upcycled-model"}
+    check_output_dir(args.out, args.overwrite, **out_rules)
     config = model_io.load_config(args.model, args.trust_remote_code)
     model_io.check_supported(config, args.model)
     plan_upcycle(config, args.num_experts, args.top_k, args.layers)
     # Weights only: a directory holding just the model is valid input; processor files are copied as they are.
     dense = load_dense_model(args.model, model_io.torch_dtype(args.dtype), args.trust_remote_code)
     moe = upcycle(dense, args.num_experts, args.top_k, args.layers, router_std=args.router_std, seed=args.seed)
-    with atomic_output_dir(args.out, args.overwrite) as tmp:
+    with atomic_output_dir(args.out, args.overwrite, **out_rules) as tmp:
         model_io.save_model(moe, None, tmp)
         processor = copy_processor_files(args.model, tmp, args.trust_remote_code)
         write_json_atomic(
@@ -100,7 +102,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         build = cfg.student.build
         student = cfg.student.path or (build.tokenizer or build.text.pretrained)
         check_tokenizer_sources(student, teacher.path, prepare_student=cfg.student.path is None)
-    run_stage(cfg, fresh=args.fresh)
+    run_stage(cfg, fresh=args.fresh, resume_with_changes=args.resume_with_changes)
     return 0
 
 
@@ -109,6 +111,9 @@ def _add_train(sub) -> None:
     p.add_argument("config", help="stage YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.learning_rate=1e-5")
     p.add_argument("--fresh", action="store_true", help="discard this stage's previous run and start over")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="resume from the last checkpoint although the config or data changed "
+                        "(e.g. a lower learning rate)")
     p.set_defaults(func=_cmd_train)
 
 

@@ -23,7 +23,7 @@ from modistill.upcycle import upcycle
 
 def run_smoke(out: str | Path, seed: int = 0) -> dict:
     start = time.perf_counter()
-    with atomic_output_dir(out, overwrite=True) as tmp:
+    with atomic_output_dir(out, overwrite=True, kind="smoke", legacy=("student-moe",)) as tmp:
         tiny_tokenizer(tmp / "tokenizer")
         teacher, processor = build_vlm(tiny_spec(tmp / "tokenizer", hidden=64, layers=4, seed=seed))
         student, _ = build_vlm(tiny_spec(tmp / "tokenizer", hidden=32, layers=2, seed=seed + 1))

@@ -38,6 +38,8 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
                         help="conversations (LLaVA) or preferences (RLAIF-V pairs); auto: from the first sample")
     parser.add_argument("--image-root", default=None, help="directory relative image paths are resolved against "
                         "(default: each data file's directory)")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="accept image paths that resolve outside the image root (data.allow_outside_root)")
     parser.add_argument("--max-length", type=int, default=2048, help="truncation length in tokens (default 2048)")
     parser.add_argument("--trust-remote-code", action="store_true")
 
@@ -67,12 +69,13 @@ def check_data(
     image_root: str | Path | None = None,
     max_length: int | None = 2048,
     teacher_processor: Any | None = None,
+    allow_outside_root: bool = False,
 ) -> tuple[DataStats, list]:
     """Validate every sample; return the statistics and every problem (nothing is cached or written)."""
     paths = data_files(files)
     if kind == "auto":
         kind = detect_kind(paths)
-    root_of = image_root_for(image_root)
+    root_of = image_root_for(image_root, allow_outside_root)
     renderer = Renderer(processor, max_length)
     teacher = teacher_renderer_for(renderer, teacher_processor)
     stats = DataStats(tokens_per_image=renderer.tokens_per_image)
@@ -92,7 +95,8 @@ def run_check_command(args: argparse.Namespace) -> int:
     if teacher is not None:  # another tokenizer family cannot teach this student: say so before any sample
         check_same_token_ids(getattr(processor, "tokenizer", processor), getattr(teacher, "tokenizer", teacher),
                              names=(args.model, args.teacher))
-    stats, problems = check_data(args.files, processor, args.kind, args.image_root, args.max_length, teacher)
+    stats, problems = check_data(args.files, processor, args.kind, args.image_root, args.max_length, teacher,
+                                 args.allow_outside_root)
     for p in problems:
         print(p.message())
     for line in stats.summary_lines():

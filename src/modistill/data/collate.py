@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from modistill.data.image_safety import UnsafeImage
 from modistill.data.images import open_rgb
 from modistill.data.render import IGNORE_INDEX, Renderer, RenderedSample, image_expansion
 from modistill.data.validate import SampleProblem
@@ -80,8 +81,8 @@ class _ImageLoader:
     def __call__(self, path: str, row: dict[str, Any]) -> Image.Image:
         if path not in self.cache:
             try:
-                self.cache[path] = open_rgb(path)
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                self.cache[path] = open_rgb(path)  # regular files within the pixel bound only, upright RGB
+            except (OSError, SyntaxError, ValueError, UnsafeImage, Image.DecompressionBombError) as exc:
                 raise UserError(f"{_where(row)}: cannot load image {path} ({exc})") from None
         return self.cache[path]
 

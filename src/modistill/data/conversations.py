@@ -17,6 +17,7 @@ from typing import Any
 from datasets import Dataset, Features, List, Value
 
 from modistill.data.collate import ConversationCollator, same_rendering
+from modistill.data.image_safety import ImageRoot
 from modistill.data.render import Renderer, RenderedSample, TemplateError
 from modistill.data.validate import (
     IMAGE_TAG_MISMATCH,
@@ -95,7 +96,7 @@ def check_image_tags(messages: list[dict[str, str]], images: list[str]) -> None:
         raise SampleProblem(IMAGE_TAG_MISMATCH, f"{tags} <image> tag(s) for {len(images)} image(s)")
 
 
-def normalize_conversation(data: Any, sample_id: str, source: str, image_root: Path) -> dict[str, Any]:
+def normalize_conversation(data: Any, sample_id: str, source: str, image_root: Path | ImageRoot) -> dict[str, Any]:
     """A raw LLaVA sample -> a dataset row; raises `SampleProblem` for what cannot be trained on."""
     if not isinstance(data, dict):
         raise SampleProblem(MALFORMED_SAMPLE, f"expected a JSON object, found {type(data).__name__}")
@@ -130,14 +131,14 @@ def data_files(files: str | Path | list[str | Path]) -> list[Path]:
     return paths
 
 
-def image_root_for(image_root: str | Path | None) -> Callable[[str], Path]:
-    """Where relative image paths of a data file are resolved: `image_root`, else the file's directory."""
+def image_root_for(image_root: str | Path | None, allow_outside: bool = False) -> Callable[[str], ImageRoot]:
+    """Where a data file's image paths are resolved and confined: `image_root`, else the file's directory."""
     if image_root is not None:
         root = Path(image_root)
         if not root.is_dir():
             raise UserError(f"image root {root}: no such directory")
-        return lambda _file: root
-    return lambda file: Path(file).parent
+        return lambda _file: ImageRoot(root, allow_outside)
+    return lambda file: ImageRoot(Path(file).parent, allow_outside)
 
 
 def teacher_renderer_for(renderer: Renderer, teacher_processor: Any | None) -> Renderer | None:
@@ -155,9 +156,11 @@ def locate_template_errors(rec: Record, handle: Callable[[Record], Any]) -> Any:
         raise TemplateError(f"{rec.file}:{rec.line}: sample {rec.sample_id()}: {exc}") from None
 
 
-def fingerprint_parts(image_root: str | Path | None, renderer: Renderer, teacher: Renderer | None) -> dict[str, Any]:
+def fingerprint_parts(image_root: str | Path | None, renderer: Renderer, teacher: Renderer | None,
+                      allow_outside: bool = False) -> dict[str, Any]:
     return {
         "image_root": str(Path(image_root).resolve()) if image_root is not None else None,
+        "allow_outside_root": allow_outside,
         "student": renderer.signature(),
         "teacher": teacher.signature() if teacher is not None else None,
     }
@@ -187,22 +190,25 @@ def conversation_handler(
 
 def load_validated(
     kind: str, handler_for: Callable, features: Features, files, image_root, processor, max_length: int | None,
-    on_bad_sample: str, report_dir, teacher_processor, cache_dir, verbose: bool,
+    on_bad_sample: str, report_dir, teacher_processor, cache_dir, verbose: bool, allow_outside_root: bool = False,
 ) -> tuple[Dataset, DataStats, Renderer, Renderer | None, BadSamplePolicy, Path | None]:
     """The loading sequence both data kinds share: render, validate every sample, cache, report."""
     if processor is None:
         raise UserError(f"loading {kind} needs the student's processor")
     paths = data_files(files)
-    root_of = image_root_for(image_root)
+    root_of = image_root_for(image_root, allow_outside_root)
     policy = BadSamplePolicy(on_bad_sample)
     renderer = Renderer(processor, max_length)
     teacher = teacher_renderer_for(renderer, teacher_processor)
     stats = DataStats(tokens_per_image=renderer.tokens_per_image)
     ds = build_dataset(
         kind, paths, handler_for(root_of, renderer, teacher, stats), features,
-        policy, stats, fingerprint_parts(image_root, renderer, teacher), cache_dir,
+        policy, stats, fingerprint_parts(image_root, renderer, teacher, allow_outside_root), cache_dir,
     )
     report = policy.finish(stats, report_dir, verbose)  # raises when nothing is left
+    if verbose and stats.truncated:  # `data check` reports it too; training must not cut answers silently
+        print(f"truncated {stats.truncated} of {stats.sequences} sequences to max_length {max_length} "
+              f"(their answers are cut; raise data.max_length to keep them)", flush=True)
     assert ds is not None
     return ds, stats, renderer, teacher, policy, report
 
@@ -217,6 +223,7 @@ def load_conversations(
     teacher_processor: Any | None = None,
     cache_dir: str | Path | None = None,
     verbose: bool = True,
+    allow_outside_root: bool = False,
 ) -> ConversationData:
     """Read, validate and cache LLaVA conversations for training.
 
@@ -224,10 +231,11 @@ def load_conversations(
     `teacher_processor` that renders differently, every sample is rendered under both and its
     response tokens must agree. `on_bad_sample`: "error" stops at the first bad sample (UserError
     `file:line: sample <id>: <reason>: <detail> (<fix>)`); "skip" drops bad samples, prints a
-    summary and writes `report_dir/skipped.jsonl`. Zero samples left is always an error.
+    summary and writes `report_dir/skipped.jsonl`. Zero samples left is always an error. Image paths
+    must resolve inside the image root unless `allow_outside_root`.
     """
     ds, stats, renderer, teacher, policy, report = load_validated(
         "conversations", conversation_handler, CONVERSATION_FEATURES, files, image_root, processor, max_length,
-        on_bad_sample, report_dir, teacher_processor, cache_dir, verbose,
+        on_bad_sample, report_dir, teacher_processor, cache_dir, verbose, allow_outside_root,
     )
     return ConversationData(ds, stats, renderer, teacher, policy.problems, report)

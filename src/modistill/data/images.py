@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from modistill.data.image_safety import open_image
+
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """An upright RGB copy of `image` (EXIF orientation applied, alpha composited on white)."""
@@ -29,5 +31,5 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def open_rgb(path: str | Path) -> Image.Image:
     """Open and fully decode the image at `path` as upright RGB (Pillow's errors propagate)."""
-    with Image.open(path) as im:
+    with open_image(path) as im:  # a regular file, its pixel count bounded before decoding
         return to_rgb(im)

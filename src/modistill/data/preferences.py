@@ -30,6 +30,7 @@ from modistill.data.conversations import (
     same_response,
     to_messages,
 )
+from modistill.data.image_safety import ImageRoot
 from modistill.data.render import Renderer
 from modistill.data.validate import (
     MALFORMED_SAMPLE,
@@ -93,7 +94,7 @@ def _tag_first_user_turn(prompt: list[dict[str, str]], n_images: int) -> list[di
     raise SampleProblem(MALFORMED_SAMPLE, "the prompt has no user turn to put the image in")
 
 
-def normalize_pair(data: Any, sample_id: str, source: str, image_root: Path) -> dict[str, Any]:
+def normalize_pair(data: Any, sample_id: str, source: str, image_root: Path | ImageRoot) -> dict[str, Any]:
     """A raw preference sample -> a dataset row; raises `SampleProblem` for what cannot be trained on."""
     if not isinstance(data, dict):
         raise SampleProblem(MALFORMED_SAMPLE, f"expected a JSON object, found {type(data).__name__}")
@@ -157,10 +158,11 @@ def load_preferences(
     teacher_processor: Any | None = None,
     cache_dir: str | Path | None = None,
     verbose: bool = True,
+    allow_outside_root: bool = False,
 ) -> PreferenceData:
     """Read, validate and cache preference pairs; same contract as `load_conversations`."""
     ds, stats, renderer, teacher, policy, report = load_validated(
         "preferences", preference_handler, PREFERENCE_FEATURES, files, image_root, processor, max_length,
-        on_bad_sample, report_dir, teacher_processor, cache_dir, verbose,
+        on_bad_sample, report_dir, teacher_processor, cache_dir, verbose, allow_outside_root,
     )
     return PreferenceData(ds, stats, renderer, teacher, policy.problems, report)

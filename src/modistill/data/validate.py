@@ -22,15 +22,17 @@ from typing import Any
 import datasets
 from datasets import Dataset, Features
 from datasets.exceptions import DatasetGenerationError
-from PIL import Image
 
+from modistill.data.image_safety import ImageRoot, UnsafeImage, check_regular_file, open_image
 from modistill.errors import UserError
+from modistill.faults import crash_point
 
 # The reasons a sample cannot be trained on (reported and counted by these exact strings).
 MALFORMED_JSON = "malformed JSON"
 MALFORMED_SAMPLE = "malformed sample"
 MISSING_KEY = "missing key"
 BAD_IMAGE = "missing or undecodable image"
+IMAGE_OUTSIDE_ROOT = "image outside the image root"
 NO_ASSISTANT = "no assistant turn"
 IMAGE_TAG_MISMATCH = "number of <image> tags differs from number of images"
 NO_VISION = "images given to a text-only model"
@@ -44,6 +46,7 @@ FIXES = {
     MALFORMED_SAMPLE: "each turn needs a role (human/gpt/user/assistant/system) and a string value",
     MISSING_KEY: "add the key, or drop the sample",
     BAD_IMAGE: "check the path and --image-root / image_root, or re-save the image",
+    IMAGE_OUTSIDE_ROOT: "move the image under the image root, or set data.allow_outside_root: true",
     NO_ASSISTANT: "end the conversation with an assistant (gpt) answer",
     IMAGE_TAG_MISMATCH: "put one <image> tag in the text per image path",
     NO_VISION: "use a VLM (with an image processor) or drop the image samples",
@@ -74,10 +77,12 @@ class Problem:
     sample_id: str
     reason: str
     detail: str = ""
+    index: int | None = None  # position in a JSON list (its elements may share a line)
     image: str | None = None  # the image at fault (BAD_IMAGE): a cached outcome is stale once it is fixed
 
     def message(self, with_fix: bool = True) -> str:
-        text = f"{self.file}:{self.line}: sample {self.sample_id}: {self.reason}"
+        item = f" (item {self.index} of the list)" if self.index is not None else ""
+        text = f"{self.file}:{self.line}: sample {self.sample_id}{item}: {self.reason}"
         if self.detail:
             text += f": {self.detail}"
         if with_fix and self.reason in FIXES:
@@ -94,6 +99,7 @@ class Record:
     index: int  # 0-based position in the file
     data: Any = None
     error: str | None = None
+    in_list: bool = False  # an element of a JSON list (else a JSONL line)
 
     def sample_id(self) -> str:
         """The sample's own id, else one made from the file name and position (unique across files)."""
@@ -202,7 +208,7 @@ def _iter_json_list(path: Path) -> Iterator[Record]:
                 except json.JSONDecodeError as exc:
                     if not more():  # the element is really malformed, not just cut by the chunk
                         raise syntax_error(exc.msg, at=exc.pos) from None
-            yield Record(str(path), line, index, data, None)
+            yield Record(str(path), line, index, data, None, in_list=True)
             index += 1
             line += buf.count("\n", pos, end)
             pos = end
@@ -223,9 +229,11 @@ UNDECODABLE = " cannot be decoded "
 
 
 def image_problem(path: str) -> str | None:
-    """Why the image at `path` cannot be used (missing, undecodable), or None. Pillow open + verify."""
+    """Why the image at `path` cannot be used (missing, not a regular file, too large, undecodable), or None."""
     try:
-        st = os.stat(path)
+        st = check_regular_file(path)  # before any open(): a FIFO would block it forever
+    except UnsafeImage as exc:
+        return f"{path}{UNDECODABLE}({exc})"
     except OSError:
         return f"{path}{NOT_FOUND}"
     return _verify_image(path, st.st_mtime_ns, st.st_size)
@@ -234,21 +242,27 @@ def image_problem(path: str) -> str | None:
 @lru_cache(maxsize=1 << 16)  # pairs and multi-turn samples share images; keyed by mtime so edits count
 def _verify_image(path: str, mtime_ns: int, size: int) -> str | None:
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:  # the pixel bound is checked on the header, before decoding
             im.verify()
+    except UnsafeImage as exc:
+        return f"{path}{UNDECODABLE}({exc})"
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError...)
         return f"{path}{UNDECODABLE}({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     return None
 
 
-def resolve_images(value: Any, image_root: Path) -> list[str]:
-    """The `image` field (absent, a path, or a list of paths) as absolute-or-root-relative paths."""
+def resolve_images(value: Any, image_root: Path | ImageRoot) -> list[str]:
+    """The `image` field (absent, a path, or a list of paths) as paths confined to the image root."""
     if value is None:
         return []
     items = value if isinstance(value, list) else [value]
     if not all(isinstance(p, str) and p for p in items):
         raise SampleProblem(MALFORMED_SAMPLE, "`image` must be a path or a list of paths")
-    return [p if os.path.isabs(p) else str(image_root / p) for p in items]
+    root = image_root if isinstance(image_root, ImageRoot) else ImageRoot(Path(image_root))
+    try:
+        return [root.resolve(p) for p in items]
+    except UnsafeImage as exc:
+        raise SampleProblem(IMAGE_OUTSIDE_ROOT, str(exc).split(" (")[0]) from None
 
 
 def check_images(paths: list[str]) -> None:
@@ -341,7 +355,7 @@ class BadSamplePolicy:
             tmp = report.with_name(f".{report.name}.tmp")
             with open(tmp, "w") as f:
                 for p in self.problems:
-                    f.write(json.dumps({"id": p.sample_id, "file": p.file, "line": p.line,
+                    f.write(json.dumps({"id": p.sample_id, "file": p.file, "line": p.line, "index": p.index,
                                         "reason": p.reason, "detail": p.detail}) + "\n")
             os.replace(tmp, report)
         if self.problems and verbose:
@@ -382,19 +396,20 @@ def scan_files(
     for path in files:
         for rec in iter_records(path):
             stats.records += 1
+            index = rec.index if rec.in_list else None
             if rec.error is not None:
-                policy.add(Problem(rec.file, rec.line, rec.sample_id(), MALFORMED_JSON, rec.error))
+                policy.add(Problem(rec.file, rec.line, rec.sample_id(), MALFORMED_JSON, rec.error, index))
                 continue
             try:
                 row = handle(rec)
             except SampleProblem as exc:
-                policy.add(Problem(rec.file, rec.line, rec.sample_id(), exc.reason, exc.detail, exc.image))
+                policy.add(Problem(rec.file, rec.line, rec.sample_id(), exc.reason, exc.detail, index, exc.image))
                 continue
             yield row
 
 
 # Bump when what a cached dataset holds (row layout, checks) changes.
-CACHE_FORMAT = 2  # 2: problems record the image at fault
+CACHE_FORMAT = 2  # 2: images confined to the root, regular files, pixel bound; problems name the image
 
 
 class _NoSample(Exception):
@@ -428,6 +443,7 @@ def build_dataset(
         nonlocal ran
         ran = True
         yield from scan_files(files, handle, policy, stats)
+        crash_point("dataset-build")  # rows written to the arrow cache, split not yet published
         if stats.samples == 0:
             raise _NoSample()
         # Written before datasets publishes the split, so a process waiting on its lock finds it.

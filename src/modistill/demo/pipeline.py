@@ -31,7 +31,7 @@ from modistill.demo.plan import FULL, QUICK, DemoPlan, StagePlan
 from modistill.demo.report import summary_row, table_markdown, write_report
 from modistill.errors import UserError
 from modistill.eval.run import evaluate
-from modistill.io import write_json_atomic
+from modistill.io import is_ours, mark, write_json_atomic
 from modistill.models.load import MOE_TEXT_TYPES, load_config
 from modistill.stages import load_stage_config, runner_of
 
@@ -248,15 +248,17 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False, 
     marker = out / "demo.json"
     plan = QUICK if quick else FULL
     settings = {"seed": seed, "quick": quick, "plan": to_dict(plan)}
+    ours = out.is_dir() and is_ours(out, legacy=("demo.json",), kind="demo") and (marker.is_file() or not any(out.iterdir()))
     if fresh and out.exists():
-        if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+        if not ours:
             raise UserError(f"{out}: not a demo directory; refusing to delete it (choose another --out)")
         shutil.rmtree(out)
     if out.exists() and any(out.iterdir()):
-        if not marker.is_file():
+        if not ours:
             raise UserError(f"{out}: exists and is not a demo directory; choose another --out")
         if json.loads(marker.read_text()) != settings:
             raise UserError(f"{out}: holds a demo run with other settings (seed/--quick); pass --fresh or another --out")
     out.mkdir(parents=True, exist_ok=True)
+    mark(out, "demo")
     write_json_atomic(marker, settings)
     return Demo(out, plan, seed, progress).run()

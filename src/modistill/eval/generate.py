@@ -18,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from modistill.data.image_safety import UnsafeImage, confine
 from modistill.data.images import open_rgb, to_rgb
 from modistill.errors import UserError
 
@@ -59,7 +60,7 @@ def left_padding(processor: Any) -> Iterator[None]:
 def _open_image(path: str) -> Image.Image:
     # Eval sets ask several questions per image (POPE: about a dozen): decode a file once per run
     # when possible; small bound because real photos are ~1 MB decoded (cleared after each run).
-    return open_rgb(path)
+    return open_rgb(path)  # a regular file within the pixel bound, upright RGB
 
 
 def load_image(image: str | Path | Image.Image, image_root: str | Path | None = None, where: str = "") -> Image.Image:
@@ -67,13 +68,21 @@ def load_image(image: str | Path | Image.Image, image_root: str | Path | None = 
     if isinstance(image, Image.Image):
         return to_rgb(image)
     path = Path(image)
-    if not path.is_absolute() and image_root is not None:
-        path = Path(image_root) / path
     prefix = f"{where}: " if where else ""
-    if not path.is_file():
-        raise UserError(f"{prefix}image {path} not found; pass --image-root DIR (the folder image paths are relative to)")
+    if image_root is not None:  # an eval file's paths stay inside its image root
+        path = path if path.is_absolute() else Path(image_root) / path
+        try:
+            confine(path, image_root, fix="move it under --image-root DIR")
+        except UnsafeImage as exc:
+            raise UserError(f"{prefix}image {exc}") from None
+    if not path.exists():
+        hint = "pass --image-root DIR (the folder image paths are relative to)" if image_root is not None \
+            else "check the path"
+        raise UserError(f"{prefix}image {path} not found; {hint}")
     try:
         return _open_image(str(path.resolve()))
+    except UnsafeImage as exc:
+        raise UserError(f"{prefix}image {exc}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise UserError(f"{prefix}cannot read image {path} ({exc.__class__.__name__}); replace or remove it") from None
 

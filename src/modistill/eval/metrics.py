@@ -39,9 +39,23 @@ def normalise_answer(text: str) -> str:
 
 
 def is_scenes_vqa(types: Iterable[str]) -> bool:
-    """True when every question type is one of the scenes world's (then its oracle matcher applies)."""
-    types = set(types)
-    return bool(types) and types <= set(QUESTION_TYPES)
+    """True when any question type is one of the scenes world's: the file is a scenes eval set.
+
+    Its rows of a scenes type use the oracle matcher; a row of another (unknown or mistyped) type
+    alone is scored generically and counted (`generic_rows`), so one bad row cannot switch the
+    scoring of the whole file."""
+    return bool(set(types) & set(QUESTION_TYPES))
+
+
+def unknown_types(types: Sequence[str]) -> list[int]:
+    """Indices of the rows of a scenes eval set whose type is not a scenes question type."""
+    if not is_scenes_vqa(types):
+        return []
+    return [i for i, t in enumerate(types) if t not in QUESTION_TYPES]
+
+
+def _generic_match(prediction: str, answer: str) -> bool:
+    return bool(normalise_answer(prediction)) and normalise_answer(prediction) == normalise_answer(answer)
 
 
 def vqa_correct(predictions: Sequence[str], answers: Sequence[str], types: Sequence[str], matcher: str = "auto") -> list[bool]:
@@ -50,8 +64,10 @@ def vqa_correct(predictions: Sequence[str], answers: Sequence[str], types: Seque
         raise ValueError(f"lengths differ: {len(predictions)} predictions, {len(answers)} answers, {len(types)} types")
     matcher = resolve_matcher(matcher, types)
     if matcher == "scenes":
-        return [answer_matches(p, g, t) for p, g, t in zip(predictions, answers, types)]
-    return [bool(normalise_answer(p)) and normalise_answer(p) == normalise_answer(g) for p, g in zip(predictions, answers)]
+        generic = set(unknown_types(types))
+        return [_generic_match(p, g) if i in generic else answer_matches(p, g, t)
+                for i, (p, g, t) in enumerate(zip(predictions, answers, types))]
+    return [_generic_match(p, g) for p, g in zip(predictions, answers)]
 
 
 def resolve_matcher(matcher: str, types: Iterable[str]) -> str:
@@ -69,16 +85,19 @@ def vqa_metrics(
 
     matcher: "scenes" uses the oracle's `answer_matches` (yes/no types compare the first yes/no word,
     counts the first number, others the normalised words); "generic" compares `normalise_answer` of
-    both sides; "auto" picks "scenes" when every type is a scenes question type. An empty prediction
-    is wrong. Returns {"n", "accuracy", "matcher", "per_type": {type: {"n", "accuracy"}}}."""
+    both sides; "auto" picks "scenes" when any type is a scenes question type, and then scores rows
+    of other types generically (their count: `generic_rows`). An empty prediction is wrong.
+    Returns {"n", "accuracy", "matcher", "generic_rows", "per_type": {type: {"n", "accuracy"}}}."""
     correct = vqa_correct(predictions, answers, types, matcher)
     by_type: dict[str, list[bool]] = defaultdict(list)
     for ok, t in zip(correct, types):
         by_type[t].append(ok)
+    resolved = resolve_matcher(matcher, types)
     return {
         "n": len(correct),
         "accuracy": _mean(correct),
-        "matcher": resolve_matcher(matcher, types),
+        "matcher": resolved,
+        "generic_rows": len(unknown_types(types)) if resolved == "scenes" else len(correct),
         "per_type": {t: {"n": len(v), "accuracy": _mean(v)} for t, v in sorted(by_type.items())},
     }
 

@@ -17,12 +17,16 @@ from typing import Any
 
 import torch
 
+from modistill.data.image_safety import UnsafeImage, check_regular_file, confine
 from modistill.scenes.oracle import score_caption
+from modistill.scenes.text import QUESTION_TYPES
 from modistill.scenes.world import Scene
 from modistill.errors import UserError
 from modistill.eval.efficiency import measure_efficiency
 from modistill.eval.generate import check_vlm, generate_answers, load_image
-from modistill.eval.metrics import caption_hallucination, parse_yes_no, pope_metrics, vqa_correct, vqa_metrics
+from modistill.eval.metrics import (
+    caption_hallucination, parse_yes_no, pope_metrics, unknown_types, vqa_correct, vqa_metrics,
+)
 from modistill.io import write_json_atomic
 from modistill.models.load import LoadedModel, load_config, load_model
 
@@ -121,8 +125,14 @@ def load_eval_file(path: str | Path, name: str | None = None, image_root: str | 
     root = _image_root(path, rows, where, image_root)
     for row, w in zip(rows, where):
         image = root / str(row["image"])
-        if not image.is_file():
-            raise UserError(f"{w}: image {image} not found; pass --image-root DIR (the folder the image paths are relative to)")
+        try:
+            confine(image, root, fix="move it under --image-root DIR")
+            check_regular_file(image)
+        except UnsafeImage as exc:
+            raise UserError(f"{w}: image {exc}") from None
+        except OSError:
+            raise UserError(f"{w}: image {image} not found; pass --image-root DIR "
+                            f"(the folder the image paths are relative to)") from None
     scenes = [Scene.from_json(row["scene"], where=w) for row, w in zip(rows, where)] if kind == "captions" else []
     return EvalSet(name or kind, kind, path, rows, where, root, scenes)
 
@@ -161,6 +171,12 @@ def _qid(row: dict[str, Any], where: str) -> Any:
 def _score_vqa(s: EvalSet, preds: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     answers = [str(r["answer"]) for r in s.rows]
     types = [str(r.get("type", "all")) for r in s.rows]
+    generic = unknown_types(types)
+    if generic:  # a scenes set with rows of unknown type: say so, they are scored apart
+        first = generic[0]
+        print(f"warning: {s.where[first]}: question type {types[first]!r} is not a scenes type "
+              f"({', '.join(QUESTION_TYPES)}); {len(generic)} of {len(types)} rows scored by generic exact match",
+              flush=True)
     correct = vqa_correct(preds, answers, types)
     per_item = [
         {"question_id": _qid(r, w), "type": t, "answer": a, "prediction": p, "correct": ok}

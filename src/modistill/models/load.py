@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from modistill.errors import UserError
+from modistill.models.weight_files import check_weight_files
 
 # Text architectures modistill knows how to handle (dense ones can be upcycled).
 DENSE_TEXT_TYPES = ("qwen3", "qwen2", "llama", "mistral")
@@ -54,12 +55,14 @@ def load_config(path: str | Path, trust_remote_code: bool = False) -> Pretrained
             raise UserError(f"{path}: is a file; give the model directory (the one holding config.json)")
         if not (p / "config.json").is_file():
             raise UserError(f"{path}: no config.json here; give a directory written by save_pretrained")
-    elif str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+    elif str(path).startswith((".", "/", "~")) or str(path).count("/") != 1 or p.parent.is_dir():
+        # `models/nope` next to an existing `models/` is a mistyped path, not a hub id.
         raise UserError(f"{path}: no such directory")
     try:
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"{path}: cannot read the model config ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: no such directory, and not loadable as a hub id "
+                        f"({str(exc).splitlines()[0]})") from None
 
 
 def check_supported(config: PretrainedConfig, path: str | Path) -> str:
@@ -84,6 +87,7 @@ def load_model(
         dtype = torch_dtype(dtype)
     config = load_config(path, trust_remote_code)
     check_supported(config, path)
+    check_weight_files(path)  # one-line errors for damaged safetensors or pickled weights
     if config.model_type in VLM_TYPES:
         model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
         processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)

@@ -13,6 +13,14 @@ from typing import Any, Literal
 from modistill.models.spec import ModelSpec
 
 
+def _at_least(section: object, low: float, *names: str) -> None:
+    """Raise ValueError naming the first field of `section` below `low` (from_dict adds the file and section)."""
+    for name in names:
+        value = getattr(section, name)
+        if value < low:
+            raise ValueError(f"{name}: {value}: must be >= {low}")
+
+
 @dataclass
 class UpcycleSpec:
     """How stage 1b upcycles its dense student (the same operation as `modistill upcycle`)."""
@@ -55,10 +63,14 @@ class DataConfig:
     on_bad_sample: Literal["error", "skip"] = "error"
     max_samples: int | None = None  # use only the first N valid samples (quick runs)
     cache_dir: str | None = None  # where validated datasets are cached (default: the HF datasets cache)
+    allow_outside_root: bool = False  # accept image paths resolving outside image_root (or the data file's dir)
 
     def __post_init__(self) -> None:
         if not self.train:
             raise ValueError("data.train: give at least one data file")
+        _at_least(self, 1, "max_length")
+        if self.max_samples is not None:
+            _at_least(self, 1, "max_samples")
 
 
 @dataclass
@@ -95,3 +107,13 @@ class TrainArgs:
     deepspeed: str | None = None
     # Stop after this many seconds of training (saves a checkpoint; equal-time comparisons).
     max_time_s: float | None = None
+
+    def __post_init__(self) -> None:
+        # Caught here, at config time, not after the models and the data have loaded.
+        _at_least(self, 1, "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
+        _at_least(self, 0, "learning_rate", "warmup_steps", "weight_decay", "max_grad_norm")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps: {self.max_steps}: give a positive number of steps, "
+                             f"or -1 (use num_train_epochs)")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise ValueError(f"num_train_epochs: {self.num_train_epochs}: must be > 0 (or set max_steps)")

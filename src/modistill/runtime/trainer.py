@@ -6,7 +6,8 @@ bars and distribution stay the Trainer's.
 
 - Resume through `from_pretrained` (see `_load_from_checkpoint`).
 - Extra per-step metrics (`record`) averaged into the Trainer's logs, as TRL's trainers do.
-- A non-finite loss stops the run with the step and the samples (`check_finite`).
+- A non-finite loss or gradient stops the run before the update, and no checkpoint with a non-finite
+  weight is written (`GuardMixin`, modistill.runtime.guards).
 - `train.fsdp` honoured on CPU processes too (`CpuFsdpMixin`, modistill.runtime.fsdp).
 """
 
@@ -20,20 +21,14 @@ from transformers import PreTrainedModel, Trainer
 
 from modistill.errors import UserError
 from modistill.runtime.fsdp import CpuFsdpMixin
+from modistill.runtime.guards import GuardMixin, check_finite
 from modistill.runtime.inputs import ResponseStates, model_inputs, response_states
 
 
-def check_finite(loss: torch.Tensor, step: int, sample_ids) -> None:
-    if not torch.isfinite(loss.detach()).all():
-        raise UserError(
-            f"step {step}: loss is {loss.item()} (samples {', '.join(map(str, list(sample_ids)[:4]))}); "
-            f"lower the learning rate, check these samples, or use fp32/bf16 instead of fp16"
-        )
-
-
-class StageTrainer(CpuFsdpMixin):
+class StageTrainer(GuardMixin, CpuFsdpMixin):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._init_guard()
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, float] = defaultdict(float)
         self._tokens_since_log = 0
@@ -72,6 +67,10 @@ class StageTrainer(CpuFsdpMixin):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             return loss * self.accelerator.num_processes
         return loss
+
+    def check_finite(self, loss: torch.Tensor, inputs: dict) -> None:
+        """Stop at a NaN/inf micro-batch loss, naming the (1-based) step, its samples and the resume point."""
+        check_finite(loss, self.state.global_step + 1, inputs.get("sample_ids", []), self.args.output_dir)
 
     def record(self, key: str, total: float, count: float = 1.0) -> None:
         """Add `total` over `count` items; the log shows sum(total) / sum(count) since the last log."""

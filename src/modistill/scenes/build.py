@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ from modistill.scenes.text import (
 from modistill.scenes.tokenizer import chat_text, train_tokenizer
 from modistill.scenes.world import CAPTION_TASKS, COL_WORDS, ROW_WORDS, KindStats, Scene, World, WorldConfig
 from modistill.errors import UserError
+from modistill.io import atomic_output_dir
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -58,13 +57,6 @@ def _render_all(scenes: list[Scene], split: str, cfg: WorldConfig, seed: int, ro
         paths.append(rel)
         bar.update(1)
     return paths
-
-
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: directory exists and is not empty; pass --overwrite or choose another --out")
 
 
 def build_world(
@@ -87,22 +79,9 @@ def build_world(
     if not 0 <= n_prefs <= n_train:
         raise UserError(f"n_prefs must be in [0, n_train={n_train}] (got {n_prefs})")
     out = Path(out_dir)
-    _check_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # --overwrite replaces only an earlier world (world.json: one written before the marker existed).
+    with atomic_output_dir(out, overwrite, kind="scenes-world", legacy=("world.json",)) as tmp:
         summary = _build_into(tmp, cfg, n_train, n_test, seed, n_prefs, progress)
-        _check_out_dir(out, overwrite)  # again: something may have appeared meanwhile
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     summary["out_dir"] = str(out)
     return summary
 

@@ -51,5 +51,5 @@ def runner_of(cfg: Any) -> Callable[..., dict]:
     return importlib.import_module(STAGES[cfg.stage][0]).run
 
 
-def run_stage(cfg: Any, fresh: bool = False) -> dict:
-    return runner_of(cfg)(cfg, fresh=fresh)
+def run_stage(cfg: Any, fresh: bool = False, resume_with_changes: bool = False) -> dict:
+    return runner_of(cfg)(cfg, fresh=fresh, resume_with_changes=resume_with_changes)

@@ -22,7 +22,7 @@ from modistill.runtime.groups import set_trainable
 from modistill.runtime.inputs import output_head
 from modistill.runtime.rundir import start_stage
 from modistill.runtime.student import load_student
-from modistill.runtime.trainer import StageTrainer, check_finite
+from modistill.runtime.trainer import StageTrainer
 
 
 @dataclass
@@ -62,14 +62,14 @@ class CETrainer(StageTrainer):
         )
         loss = self.across_devices(losses["loss"], num_items_in_batch)
         self.record("ce", losses["ce"].item() * float(num_items), states.targets.numel())
-        check_finite(loss, self.state.global_step, inputs.get("sample_ids", []))
+        self.check_finite(loss, inputs)
         self.count_tokens(student_inputs["attention_mask"])
         return (loss, None) if return_outputs else loss
 
 
-def run(cfg: AlignConfig, fresh: bool = False) -> dict:
+def run(cfg: AlignConfig, fresh: bool = False, resume_with_changes: bool = False) -> dict:
     # 1. Config and run directory: a finished stage is skipped, an interrupted one resumes.
-    args, run_dir = start_stage(cfg, fresh)
+    args, run_dir = start_stage(cfg, fresh, resume_with_changes)
     if run_dir.done:
         return run_dir.metrics()
 
@@ -81,13 +81,15 @@ def run(cfg: AlignConfig, fresh: bool = False) -> dict:
     data = load_conversations(
         cfg.data.train, image_root=cfg.data.image_root, processor=processor, max_length=cfg.data.max_length,
         on_bad_sample=cfg.data.on_bad_sample, report_dir=cfg.output_dir, cache_dir=cfg.data.cache_dir,
+        allow_outside_root=cfg.data.allow_outside_root,
     )
     dataset = first_samples(data.dataset, cfg.data.max_samples)
+    run_dir.check_samples(len(dataset))  # a resume must see the samples the run started on
 
     # 4. Train: the Trainer runs schedules, accumulation, checkpoints, resume and distribution.
     trainer = CETrainer(
         model=student, args=args, train_dataset=dataset, data_collator=data.collator(),
-        processing_class=processor, loss_config=cfg.loss, callbacks=callbacks_for(cfg.train),
+        processing_class=processor, loss_config=cfg.loss, callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
     )
     trainer.train(resume_from_checkpoint=run_dir.resume_from)
 

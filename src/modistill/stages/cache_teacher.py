@@ -59,7 +59,7 @@ def run_cache_teacher(cfg: CacheConfig, overwrite: bool = False) -> dict:
     data = load_conversations(
         data_cfg.train, image_root=data_cfg.image_root, processor=processor, max_length=data_cfg.max_length,
         on_bad_sample=data_cfg.on_bad_sample, report_dir=None, teacher_processor=teacher.processor,
-        cache_dir=data_cfg.cache_dir,
+        cache_dir=data_cfg.cache_dir, allow_outside_root=data_cfg.allow_outside_root,
     )
     dataset = first_samples(data.dataset, data_cfg.max_samples)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=data.collator(), shuffle=False)
@@ -68,7 +68,9 @@ def run_cache_teacher(cfg: CacheConfig, overwrite: bool = False) -> dict:
     identity = cache_identity(data_cfg, processor.tokenizer, rows, temperature, cfg.top_k,
                               teacher=stage.teacher.path, teacher_fingerprint=model_fingerprint(stage.teacher.path))
     weight, bias = output_head(live.model)
-    with atomic_output_dir(cfg.output_dir, overwrite) as tmp:
+    inputs = [stage.teacher.path, stage.student.path, data_cfg.image_root, *data_cfg.train]
+    with atomic_output_dir(cfg.output_dir, overwrite, kind="teacher-cache", inputs=inputs,
+                           legacy=("manifest.json",)) as tmp:
         writer = TeacherCacheWriter(tmp, identity, shard_size=cfg.shard_size)
         for batch in tqdm(loader, desc="caching teacher", unit="batch"):
             states = live.forward(batch)

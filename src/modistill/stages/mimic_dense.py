@@ -25,7 +25,7 @@ from modistill.runtime.groups import set_trainable
 from modistill.runtime.inputs import output_head
 from modistill.runtime.rundir import start_stage
 from modistill.runtime.student import load_student
-from modistill.runtime.trainer import StageTrainer, check_finite
+from modistill.runtime.trainer import StageTrainer
 from modistill.teacher.live import LiveTeacher
 from modistill.teacher.source import TeacherSource, open_teacher
 
@@ -97,13 +97,13 @@ class MimicTrainer(StageTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, _ = self.kd_loss(model, inputs, num_items_in_batch)
-        check_finite(loss, self.state.global_step, inputs.get("sample_ids", []))
+        self.check_finite(loss, inputs)
         return (loss, None) if return_outputs else loss
 
 
-def run(cfg: MimicDenseConfig, fresh: bool = False) -> dict:
+def run(cfg: MimicDenseConfig, fresh: bool = False, resume_with_changes: bool = False) -> dict:
     # 1. Config and run directory: a finished stage is skipped, an interrupted one resumes.
-    args, run_dir = start_stage(cfg, fresh)
+    args, run_dir = start_stage(cfg, fresh, resume_with_changes)
     if run_dir.done:
         return run_dir.metrics()
 
@@ -121,14 +121,15 @@ def run(cfg: MimicDenseConfig, fresh: bool = False) -> dict:
     data = load_conversations(
         cfg.data.train, image_root=cfg.data.image_root, processor=processor, max_length=cfg.data.max_length,
         on_bad_sample=cfg.data.on_bad_sample, report_dir=cfg.output_dir, teacher_processor=teacher_processor,
-        cache_dir=cfg.data.cache_dir,
+        cache_dir=cfg.data.cache_dir, allow_outside_root=cfg.data.allow_outside_root,
     )
     dataset = first_samples(data.dataset, cfg.data.max_samples)
+    run_dir.check_samples(len(dataset))  # a resume must see the samples the run started on
 
     # 4. Train: the teacher sits on the student's device, for inference only.
     trainer = MimicTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=data.collator(),
-        processing_class=processor, loss_config=cfg.loss, teacher=teacher, callbacks=callbacks_for(cfg.train),
+        processing_class=processor, loss_config=cfg.loss, teacher=teacher, callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
     )
     if isinstance(teacher, LiveTeacher):
         teacher.model.to(trainer.accelerator.device)

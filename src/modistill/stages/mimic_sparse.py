@@ -28,7 +28,6 @@ from modistill.runtime.config import UpcycleSpec
 from modistill.runtime.groups import set_trainable
 from modistill.runtime.rundir import start_stage
 from modistill.runtime.student import load_student
-from modistill.runtime.trainer import check_finite
 from modistill.stages.mimic_dense import KDLoss, MimicDenseConfig, MimicTrainer
 from modistill.teacher.live import LiveTeacher
 from modistill.teacher.source import open_teacher
@@ -71,7 +70,7 @@ class SparseMimicTrainer(MimicTrainer):
         self.record("balance", balance.value.item())
         counts = balance.stats.top1.detach().cpu()  # all ranks' counts with the global scope
         self._load_sum = counts if self._load_sum is None else self._load_sum + counts
-        check_finite(loss, self.state.global_step, inputs.get("sample_ids", []))
+        self.check_finite(loss, inputs)
         return (loss, None) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
@@ -85,9 +84,9 @@ class SparseMimicTrainer(MimicTrainer):
         super().log(logs, *args, **kwargs)
 
 
-def run(cfg: MimicSparseConfig, fresh: bool = False) -> dict:
+def run(cfg: MimicSparseConfig, fresh: bool = False, resume_with_changes: bool = False) -> dict:
     # 1. Config and run directory: a finished stage is skipped, an interrupted one resumes.
-    args, run_dir = start_stage(cfg, fresh)
+    args, run_dir = start_stage(cfg, fresh, resume_with_changes)
     if run_dir.done:
         return run_dir.metrics()
 
@@ -109,14 +108,15 @@ def run(cfg: MimicSparseConfig, fresh: bool = False) -> dict:
     data = load_conversations(
         cfg.data.train, image_root=cfg.data.image_root, processor=processor, max_length=cfg.data.max_length,
         on_bad_sample=cfg.data.on_bad_sample, report_dir=cfg.output_dir, teacher_processor=teacher_processor,
-        cache_dir=cfg.data.cache_dir,
+        cache_dir=cfg.data.cache_dir, allow_outside_root=cfg.data.allow_outside_root,
     )
     dataset = first_samples(data.dataset, cfg.data.max_samples)
+    run_dir.check_samples(len(dataset))  # a resume must see the samples the run started on
 
     # 4. Train: the teacher sits on the student's device, for inference only.
     trainer = SparseMimicTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=data.collator(),
-        processing_class=processor, loss_config=cfg.loss, teacher=teacher, callbacks=callbacks_for(cfg.train),
+        processing_class=processor, loss_config=cfg.loss, teacher=teacher, callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
     )
     if isinstance(teacher, LiveTeacher):
         teacher.model.to(trainer.accelerator.device)

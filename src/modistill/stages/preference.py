@@ -32,7 +32,7 @@ from modistill.runtime.groups import set_trainable
 from modistill.runtime.inputs import pair_inputs, pair_logps
 from modistill.runtime.rundir import start_stage
 from modistill.runtime.student import load_student
-from modistill.runtime.trainer import StageTrainer, check_finite
+from modistill.runtime.trainer import StageTrainer
 from modistill.models.vocab import check_vocab_compatible
 from modistill.teacher.fingerprint import data_fingerprint, model_fingerprint
 from modistill.teacher.live import freeze
@@ -116,14 +116,14 @@ class PreferenceTrainer(StageTrainer):
         self.record("rewards/accuracy", (margins > 0).float().sum().item(), n)
         self.record("logps/chosen", policy_chosen.detach().sum().item(), n)
         self.record("logps/rejected", policy_rejected.detach().sum().item(), n)
-        check_finite(loss, self.state.global_step, inputs.get("sample_ids", []))
+        self.check_finite(loss, inputs)
         self.count_tokens(pair["attention_mask"])
         return (loss, None) if return_outputs else loss
 
 
-def run(cfg: PreferenceConfig, fresh: bool = False) -> dict:
+def run(cfg: PreferenceConfig, fresh: bool = False, resume_with_changes: bool = False) -> dict:
     # 1. Config and run directory: a finished stage is skipped, an interrupted one resumes.
-    args, run_dir = start_stage(cfg, fresh)
+    args, run_dir = start_stage(cfg, fresh, resume_with_changes)
     if run_dir.done:
         return run_dir.metrics()
 
@@ -141,9 +141,10 @@ def run(cfg: PreferenceConfig, fresh: bool = False) -> dict:
     data = load_preferences(
         cfg.data.train, image_root=cfg.data.image_root, processor=processor, max_length=cfg.data.max_length,
         on_bad_sample=cfg.data.on_bad_sample, report_dir=cfg.output_dir, teacher_processor=teacher.processor,
-        cache_dir=cfg.data.cache_dir,
+        cache_dir=cfg.data.cache_dir, allow_outside_root=cfg.data.allow_outside_root,
     )
     dataset = first_samples(data.dataset, cfg.data.max_samples)
+    run_dir.check_samples(len(dataset))  # a resume must see the samples the run started on
     collator = data.collator()
     pad_id = processor.tokenizer.pad_token_id
 
@@ -168,7 +169,7 @@ def run(cfg: PreferenceConfig, fresh: bool = False) -> dict:
     # 5. Train.
     trainer = PreferenceTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
-        loss_config=cfg.loss, reference=reference, pad_id=pad_id, callbacks=callbacks_for(cfg.train),
+        loss_config=cfg.loss, reference=reference, pad_id=pad_id, callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
     )
     if isinstance(reference, LiveReference):
         reference.model.to(trainer.accelerator.device)

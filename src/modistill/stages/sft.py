@@ -21,5 +21,5 @@ class SFTConfig(align.AlignConfig):
     trainable: list[str] = field(default_factory=lambda: ["projector", "llm"])
 
 
-def run(cfg: SFTConfig, fresh: bool = False) -> dict:
-    return align.run(cfg, fresh)
+def run(cfg: SFTConfig, fresh: bool = False, resume_with_changes: bool = False) -> dict:
+    return align.run(cfg, fresh, resume_with_changes)

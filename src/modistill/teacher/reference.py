@@ -44,7 +44,7 @@ def compute_reference(teacher, dataset, collator, batch_size: int, mode: str, pa
 
 def save_reference(out_dir: str | Path, sample_ids: list[str], chosen: torch.Tensor, rejected: torch.Tensor,
                    identity: dict) -> None:
-    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+    with atomic_output_dir(out_dir, overwrite=True, kind="reference", legacy=("manifest.json",)) as tmp:
         save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp / "logps.safetensors"),
                   metadata={"sample_ids": json.dumps(sample_ids)})
         write_json_atomic(tmp / "manifest.json", {"format": FORMAT, **identity, "num_pairs": len(sample_ids)})
