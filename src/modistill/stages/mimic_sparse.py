@@ -28,7 +28,7 @@ from modistill.runtime.groups import set_trainable
 from modistill.runtime.rundir import start_stage
 from modistill.runtime.student import load_student
 from modistill.runtime.trainer import check_finite
-from modistill.stages.mimic_dense import KDLoss, MimicDenseConfig, MimicTrainer
+from modistill.stages.mimic_dense import KDLoss, MimicDenseConfig, MimicTrainer, collator_and_sampler
 from modistill.teacher.live import LiveTeacher
 from modistill.teacher.source import open_teacher
 from modistill.upcycle import upcycle
@@ -112,9 +112,10 @@ def run(cfg: MimicSparseConfig, fresh: bool = False) -> dict:
     dataset = first_samples(data.dataset, cfg.data.max_samples)
 
     # 4. Train: the teacher sits on the student's device, for inference only.
+    collator, onpolicy = collator_and_sampler(cfg.loss, data, args.seed)
     trainer = SparseMimicTrainer(
-        model=student, args=args, train_dataset=dataset, data_collator=data.collator(),
-        processing_class=processor, loss_config=cfg.loss, teacher=teacher, callbacks=callbacks_for(cfg.train),
+        model=student, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
+        loss_config=cfg.loss, teacher=teacher, onpolicy=onpolicy, callbacks=callbacks_for(cfg.train),
     )
     if isinstance(teacher, LiveTeacher):
         teacher.model.to(trainer.accelerator.device)
