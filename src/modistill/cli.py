@@ -143,6 +143,11 @@ def _add_eval(sub) -> None:
     c = sub.add_parser("chat", help="answer one question about one image (greedy)")
     add_chat_arguments(c)
     c.set_defaults(func=run_chat_command)
+    from modistill.eval.speculate_cli import add_speculate_arguments, run_speculate_command
+
+    s = sub.add_parser("speculate", help="decode with a teacher and its distilled student as speculative drafter")
+    add_speculate_arguments(s)
+    s.set_defaults(func=run_speculate_command)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
