@@ -16,12 +16,14 @@ Attention, embeddings and the LM head stay frozen; experts, routers, dense FFNs 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from modistill.data.conversations import load_conversations
 from modistill.errors import UserError
 from modistill.moe import RouterLogitsCollector, balance_loss, expert_load, set_experts_implementation, sparse_blocks
 from modistill.moe import top_k_of
+from modistill.router_metrics import ROUTERS_FILE, RouterMonitor, save_routers
 from modistill.runtime.arguments import callbacks_for, first_samples
 from modistill.runtime.config import UpcycleSpec
 from modistill.runtime.groups import set_trainable
@@ -55,6 +57,9 @@ class SparseMimicTrainer(MimicTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.router_collector = RouterLogitsCollector(self.model)  # LlavaModel returns no router logits
+        # Created before any step: its frozen router copy is the routing at upcycling (a resumed run
+        # re-upcycles with the same seed, so the copy is the same).
+        self.router_monitor = RouterMonitor(self.model)
         self._load_sum = None
         self._load_count = 0
 
@@ -67,6 +72,7 @@ class SparseMimicTrainer(MimicTrainer):
         loss = loss + self.loss_config.balance_coef * balance / self.current_gradient_accumulation_steps
         self.record("balance", balance.item())
         load = expert_load(router_logits, top_k_of(self.model), mask)["top1"]
+        self.router_monitor.observe(router_logits, mask)
         self._load_sum = load if self._load_sum is None else self._load_sum + load
         self._load_count += 1
         check_finite(loss, self.state.global_step, inputs.get("sample_ids", []))
@@ -79,6 +85,7 @@ class SparseMimicTrainer(MimicTrainer):
                 for expert, share in enumerate(row.tolist()):
                     logs[f"load/L{layer}/E{expert}"] = share
             logs["load/max_share"] = float(load.max())
+            logs.update(self.router_monitor.logs())
             self._load_sum, self._load_count = None, 0
         super().log(logs, *args, **kwargs)
 
@@ -121,6 +128,10 @@ def run(cfg: MimicSparseConfig, fresh: bool = False) -> dict:
         teacher.model.to(trainer.accelerator.device)
     trainer.train(resume_from_checkpoint=run_dir.resume_from)
 
-    # 5. Save: a plain transformers MoE checkpoint (Qwen3-MoE / Qwen2-MoE / Mixtral inside Llava).
-    return run_dir.save_final(trainer, processor,
-                              {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)})
+    # 5. Save: a plain transformers MoE checkpoint (Qwen3-MoE / Qwen2-MoE / Mixtral inside Llava), and the
+    #    routers as upcycled, so that stage 2 can report routing drift since upcycling.
+    metrics = run_dir.save_final(trainer, processor,
+                                 {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)})
+    if trainer.is_world_process_zero():
+        save_routers(Path(cfg.output_dir) / ROUTERS_FILE, trainer.router_monitor.initial)
+    return metrics

@@ -25,6 +25,7 @@ from modistill.data.preferences import load_preferences
 from modistill.losses.preference import preference_loss
 from modistill.models.load import load_model
 from modistill.moe import RouterLogitsCollector, balance_loss, sparse_blocks
+from modistill.router_metrics import ROUTERS_FILE, RouterMonitor, load_routers
 from modistill.runtime.arguments import callbacks_for, first_samples
 from modistill.runtime.config import DataConfig, StudentConfig, TeacherConfig, TrainArgs
 from modistill.runtime.groups import set_trainable
@@ -74,12 +75,14 @@ class PreferenceTrainer(StageTrainer):
     loss_is_scaled_for_ga = False  # a per-pair mean: the Trainer divides by the accumulation steps
 
     def __init__(self, *args, loss_config: PreferenceLoss, reference: StoredReference | LiveReference,
-                 pad_id: int, **kwargs):
+                 pad_id: int, initial_routers: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config
         self.reference = reference
         self.pad_id = pad_id
         self.router_collector = RouterLogitsCollector(self.model) if sparse_blocks(self.model) else None
+        # Routing drift since upcycling (stage 1b's saved routers), else since this stage's start.
+        self.router_monitor = RouterMonitor(self.model, initial_routers) if sparse_blocks(self.model) else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.loss_config
@@ -101,7 +104,9 @@ class PreferenceTrainer(StageTrainer):
             loss = loss + cfg.chosen_ce_weight * ce
             self.record("chosen_ce", ce.item() * chosen_tokens, chosen_tokens)
         if self.router_collector is not None:
-            balance = balance_loss(self.model, self.router_collector.pop(), pair["attention_mask"])
+            router_logits = self.router_collector.pop()
+            balance = balance_loss(self.model, router_logits, pair["attention_mask"])
+            self.router_monitor.observe(router_logits, pair["attention_mask"])
             loss = loss + cfg.balance_coef * balance
             self.record("balance", balance.item())
         margins = (chosen_rewards - rejected_rewards).detach()
@@ -114,6 +119,17 @@ class PreferenceTrainer(StageTrainer):
         check_finite(loss, self.state.global_step, inputs.get("sample_ids", []))
         self.count_tokens(pair["attention_mask"])
         return (loss, None) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self.router_monitor is not None:
+            logs.update(self.router_monitor.logs())
+        super().log(logs, *args, **kwargs)
+
+
+def _routers_at_upcycling(student_path: str | None) -> dict | None:
+    """The routers as stage 1b upcycled them (saved beside its student), or None (compare with this stage's start)."""
+    path = Path(student_path) / ROUTERS_FILE if student_path else None
+    return load_routers(path) if path is not None and path.is_file() else None
 
 
 def run(cfg: PreferenceConfig, fresh: bool = False) -> dict:
@@ -164,6 +180,7 @@ def run(cfg: PreferenceConfig, fresh: bool = False) -> dict:
     trainer = PreferenceTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
         loss_config=cfg.loss, reference=reference, pad_id=pad_id, callbacks=callbacks_for(cfg.train),
+        initial_routers=_routers_at_upcycling(cfg.student.path),
     )
     if isinstance(reference, LiveReference):
         reference.model.to(trainer.accelerator.device)
