@@ -170,7 +170,8 @@ def _add_demo(sub) -> None:
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from modistill.demo.ablate import run_ablation
 
-    run_ablation(args.out, seeds=args.seeds, quick=args.quick, docs=args.docs, progress=not args.no_progress)
+    run_ablation(args.out, seeds=args.seeds, quick=args.quick, docs=args.docs, progress=not args.no_progress,
+                 only=args.only)
     return 0
 
 
@@ -181,6 +182,8 @@ def _add_ablate(sub) -> None:
     p.add_argument("--quick", action="store_true", help="the demo's --quick sizes (a smoke run, not a result)")
     p.add_argument("--docs", default="docs", help="also write ablations.md/json/png here ('' to skip)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--only", choices=["paper", "onpolicy"], default="paper",
+                   help="paper: the paper's claims; onpolicy: on-policy distillation (λ = 0, 0.5, 1) and drafters")
     p.set_defaults(func=_cmd_ablate)
 
 
