@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainingArguments
 
+from conftest import vlm_spec
 from modistill.data.conversations import load_conversations
 from modistill.errors import UserError
 from modistill.models.build import build_vlm
@@ -19,8 +20,6 @@ from modistill.stages.mimic_sparse import SparseKDLoss, SparseMimicTrainer
 from modistill.teacher.live import LiveTeacher
 from modistill.upcycle import upcycle
 from test_train_stages import _weights, stage_config
-
-from conftest import vlm_spec
 
 
 def test_onpolicy_decisions_are_seeded_and_follow_the_fraction():

@@ -8,13 +8,20 @@ import math
 import pytest
 import torch
 
+from helpers import vlm_batch
 from modistill.models.load import load_model
 from modistill.moe import RouterLogitsCollector
-from modistill.router_metrics import (ROUTERS_FILE, RouterMonitor, dead_expert_share, load_routers, router_entropy,
-                                      token_entropy, topk_changed)
+from modistill.router_metrics import (
+    ROUTERS_FILE,
+    RouterMonitor,
+    dead_expert_share,
+    load_routers,
+    router_entropy,
+    token_entropy,
+    topk_changed,
+)
 from modistill.stages import run_stage
 from modistill.upcycle import upcycle
-from helpers import vlm_batch
 from test_train_stages import stage_config
 
 

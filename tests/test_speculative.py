@@ -6,13 +6,12 @@ import json
 
 import pytest
 
+from conftest import vlm_spec
 from modistill.cli import main
 from modistill.eval.speculative import speculate
 from modistill.models.build import build_vlm
 from modistill.models.load import load_model
 from modistill.upcycle import upcycle
-
-from conftest import vlm_spec
 
 
 def _items(world, n=3):

@@ -99,7 +99,7 @@ class RouterMonitor:
         if not router_logits:
             return
         keep = None if attention_mask is None else attention_mask.reshape(-1).bool()
-        for row, (idx, logits) in enumerate(zip(self.layers, router_logits)):
+        for row, (idx, logits) in enumerate(zip(self.layers, router_logits, strict=True)):
             sel = keep.to(logits.device) if keep is not None else slice(None)
             logits = logits.detach().float()[sel]
             self._entropy[row] += float(token_entropy(logits).sum())

@@ -42,7 +42,7 @@ class SpeculativeStats:
     def tokens_per_teacher_forward(self) -> float:
         return self.generated / self.teacher_forwards if self.teacher_forwards else float("nan")
 
-    def add(self, other: "SpeculativeStats") -> None:
+    def add(self, other: SpeculativeStats) -> None:
         self.proposed += other.proposed
         self.accepted += other.accepted
         self.teacher_forwards += other.teacher_forwards
@@ -188,7 +188,7 @@ def speculate_files(model: str, draft_model: str, data: list[str], *, limit: int
     for path in data:
         s = load_eval_file(path, limit=limit)
         items += [{"image": str(s.image_root / str(r["image"])), "text": str(r["text"]), "source": w}
-                  for r, w in zip(s.rows, s.where)]
+                  for r, w in zip(s.rows, s.where, strict=True)]
     result = speculate(teacher.model, teacher.processor, draft.model, draft.processor, items,
                        max_new_tokens=max_new_tokens, num_draft=num_draft, image_root=image_root)
     result.update(model=str(model), draft_model=str(draft_model), data=[str(p) for p in data])

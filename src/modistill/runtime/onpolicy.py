@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from modistill.data.collate import pad_batch
-from modistill.data.render import IGNORE_INDEX, Renderer, RenderedSample
+from modistill.data.render import IGNORE_INDEX, RenderedSample, Renderer
 from modistill.errors import UserError
 
 
@@ -146,7 +146,7 @@ class OnPolicySampler:
         rebuilt: dict[str, Any] = {"sample_ids": batch.get("sample_ids", []), "rows": rows}
         for prefix, renderer in renderers:
             seqs = [RenderedSample(p + ids, [IGNORE_INDEX] * len(p) + ids, row["images"])
-                    for p, ids, row in zip(prompts[prefix], new, rows)]
+                    for p, ids, row in zip(prompts[prefix], new, rows, strict=True)]
             device = batch[f"{prefix}input_ids"].device
             padded = pad_batch(seqs, renderer.tokenizer.pad_token_id)
             rebuilt.update({prefix + k: v.to(device) for k, v in padded.items()})
