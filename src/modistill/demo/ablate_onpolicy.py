@@ -125,7 +125,8 @@ def run_onpolicy_ablation(out: str | Path, plan: Any, seeds: int, docs: str | Pa
             per_seed[seed][name] = {**row, "train_runtime_s": json.loads((path / "metrics.json").read_text())
                                     .get("train_runtime_s")}
         if seed == 0:
-            drafts: dict[str, Path] = {k: v[k] for k in ("kd", "kd-tvd", "kd-moe", "kd-onpol1", "kd-moe-onpol1") if k in v}
+            names = ("kd", "kd-tvd", "kd-moe", "kd-onpol1", "kd-moe-onpol1")
+            drafts: dict[str, Path] = {k: v[k] for k in names if k in v}
             spec = speculation(demo, teacher, drafts, spec_limit)
         rows = summarise(per_seed)
         meta = {"command": command, "seeds_done": len(per_seed), "minutes": (time.perf_counter() - start) / 60,
