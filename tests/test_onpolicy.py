@@ -96,6 +96,12 @@ def test_sampled_answers_become_the_labels_and_the_prompt_is_unchanged(setup):
     assert new["teacher_input_ids"].shape[1] > new["input_ids"].shape[1]  # 4x the image tokens
 
 
+def test_sampling_never_emits_an_image_token(setup):
+    # An image token in an answer would have no features behind it: Llava refuses such a batch.
+    moe, processor, _, _, sampler, _, _ = setup
+    assert sampler._generation_kwargs(moe, 8)["suppress_tokens"] == [processor.image_token_id]
+
+
 def _full_logits(model, batch, prefix=""):
     out = model(input_ids=batch[prefix + "input_ids"], attention_mask=batch[prefix + "attention_mask"],
                 pixel_values=batch[prefix + "pixel_values"])

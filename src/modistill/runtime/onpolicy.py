@@ -87,6 +87,10 @@ class OnPolicySampler:
         eos = getattr(model.generation_config, "eos_token_id", None)
         kwargs: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": tok.pad_token_id, "use_cache": True,
                                   "eos_token_id": eos if eos is not None else tok.eos_token_id}
+        if self.student.image_token_id is not None:
+            # An image token in an answer has no image features behind it (Llava refuses the batch): an
+            # undertrained student does sample it, so it is suppressed (the only change to the policy).
+            kwargs["suppress_tokens"] = [self.student.image_token_id]
         if self.temperature > 0:  # pure ancestral sampling: the student's own distribution, no top-k/top-p cut
             kwargs.update(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
         else:
