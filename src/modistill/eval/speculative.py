@@ -86,16 +86,18 @@ def speculative_generate(teacher: Any, draft: Any, teacher_inputs: dict[str, tor
     logits = _forward(teacher, t_prompt, t_cache, t_pixels)
     stats.teacher_forwards += 1
     new = [int(logits[-1].argmax())]
-    # Invariant: each cache holds every position but the last token of (its prompt + new); the draft's
-    # may lag behind (`d_fed` new tokens fed) and catches up with the tokens it has not seen.
-    d_fed, d_first = 0, True
+    # The draft's prefill: the prompt alone with the image (a generated image-token id must never be
+    # paired with image features).
+    _forward(draft, d_prompt, d_cache, d_pixels)
+    # Invariant: the teacher's cache holds every position but the last token of (its prompt + new); the
+    # draft's may lag behind (`d_fed` new tokens fed) and catches up with the tokens it has not seen.
+    d_fed = 0
     while len(new) < max_new_tokens and not eos.intersection(new):
         k = min(num_draft, max_new_tokens - len(new))
         proposal: list[int] = []
-        feed = (d_prompt if d_first else []) + new[d_fed:]
+        feed = new[d_fed:]
         for _ in range(k):
-            d_logits = _forward(draft, feed, d_cache, d_pixels if d_first else {})
-            d_first = False
+            d_logits = _forward(draft, feed, d_cache, {})
             proposal.append(int(d_logits[-1].argmax()))
             feed = [proposal[-1]]
         # The draft cache now holds prompt + new + proposal[:-1].
