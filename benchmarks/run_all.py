@@ -26,6 +26,7 @@ BENCHMARKS = [
     "b3_cached_teacher_step",
     "b4_preference_reference",
     "b5_moe_decode",
+    "b6_speculative_decode",
 ]
 
 # What the numbers rest on, independent of one run's figures (those are in the tables above it).

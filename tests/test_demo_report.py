@@ -95,3 +95,31 @@ def test_ablation_summary_means_stds_and_verdicts():
     # Δ = -0.003 ± 0.02: better on average, but not by more than its spread over seeds.
     assert not rows[("kd", "sft", "caption_hallucination_sampled")]["holds"]
     assert not any(r["b"] == "moe-only" for r in rows.values())  # arms missing in every seed: no row
+
+
+def test_router_metrics_plot_spans_stage_1b_and_2(tmp_path):
+    stages = {}
+    for name, start in (("stage1b", 0.0), ("stage2", 0.3)):
+        d = tmp_path / name
+        d.mkdir()
+        logs = [{"step": s, "loss": 1.0, **{f"router/L{layer}/{m}": start + 0.01 * s for layer in (0, 2)
+                                            for m in ("entropy", "dead_experts", "topk_changed")}} for s in (1, 2, 3)]
+        (d / "log_history.json").write_text(json.dumps(logs))
+        stages[name] = d
+    rows = [summary_row("teacher", _results(0.9, 0.85, 0.1, 0.3))]
+    paths = write_report(tmp_path / "r", {"title": "t", "rows": rows, "stages": stages, "timings": {}})
+    assert (tmp_path / "r" / "figures" / "router_metrics.png").stat().st_size > 1000
+    assert "figures/router_metrics.png" in paths["markdown"].read_text()
+
+
+def test_onpolicy_ablation_summary_pairs_each_lambda_with_lambda_zero():
+    from modistill.demo.ablate_onpolicy import summarise as summarise_onpolicy
+
+    per_seed = {s: {"kd-moe": {"vqa_accuracy": 0.5 + d}, "kd-moe-onpol0.5": {"vqa_accuracy": 0.55 + d},
+                    "kd-moe-onpol1": {"vqa_accuracy": 0.5 + d + (0.01, -0.01, 0.0)[s]}}
+                for s, d in enumerate((0.0, 0.1, 0.2))}
+    rows = {r["lambda"]: r for r in summarise_onpolicy(per_seed)}
+    assert rows[0.5]["mean"] == pytest.approx(0.65) and rows[0.5]["std"] == pytest.approx(0.1)
+    assert rows[0.5]["diff_mean"] == pytest.approx(0.05) and rows[0.5]["better"]
+    assert rows[1.0]["diff_mean"] == pytest.approx(0.0) and not rows[1.0]["better"]
+    assert rows[0.0]["diff_mean"] == 0 and not rows[0.0]["better"]

@@ -156,6 +156,11 @@ def _add_eval(sub) -> None:
     c = sub.add_parser("chat", help="answer one question about one image (greedy)")
     add_chat_arguments(c)
     c.set_defaults(func=run_chat_command)
+    from modistill.eval.speculate_cli import add_speculate_arguments, run_speculate_command
+
+    s = sub.add_parser("speculate", help="decode with a teacher and its distilled student as speculative drafter")
+    add_speculate_arguments(s)
+    s.set_defaults(func=run_speculate_command)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -178,7 +183,8 @@ def _add_demo(sub) -> None:
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from modistill.demo.ablate import run_ablation
 
-    run_ablation(args.out, seeds=args.seeds, quick=args.quick, docs=args.docs, progress=not args.no_progress)
+    run_ablation(args.out, seeds=args.seeds, quick=args.quick, docs=args.docs, progress=not args.no_progress,
+                 only=args.only)
     return 0
 
 
@@ -189,6 +195,8 @@ def _add_ablate(sub) -> None:
     p.add_argument("--quick", action="store_true", help="the demo's --quick sizes (a smoke run, not a result)")
     p.add_argument("--docs", default="docs", help="also write ablations.md/json/png here ('' to skip)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--only", choices=["paper", "onpolicy"], default="paper",
+                   help="paper: the paper's claims; onpolicy: on-policy distillation (λ = 0, 0.5, 1) and drafters")
     p.set_defaults(func=_cmd_ablate)
 
 

@@ -176,6 +176,20 @@ class Renderer:
         return self._truncate(RenderedSample(ids, labels, images, num_image_tokens=len(images) * self.tokens_per_image),
                               image_end)
 
+    def render_prompt(self, messages: list[dict[str, str]], images: list[str]) -> list[int]:
+        """Token ids of `messages` followed by the generation prompt (what a model answers from), images expanded.
+
+        The same text `render_messages` finds an answer's start with, so a rendering of these
+        messages plus an answer begins with these ids (on-policy sampling relies on it).
+        """
+        if self.image_token != IMAGE_TOKEN:
+            messages = [{**m, "content": m["content"].replace(IMAGE_TOKEN, self.image_token)} for m in messages]
+        ids = self._encode([self._text(messages, generation_prompt=True)])[0]
+        n_tags = ids.count(self.image_token_id) if self.image_token_id is not None else 0
+        if n_tags != len(images):
+            raise SampleProblem(IMAGE_TAG_MISMATCH, f"{n_tags} <image> tag(s) for {len(images)} image(s)")
+        return self._expand_images(ids, [IGNORE_INDEX] * len(ids))[0]
+
     # ------------------------------------------------------------ internals
 
     def _text(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:

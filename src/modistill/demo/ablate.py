@@ -121,10 +121,16 @@ def _plot(rows: list[dict], out: Path) -> None:
 
 
 def run_ablation(out: str | Path = "runs/ablate", seeds: int = 3, quick: bool = False, docs: str | Path | None = "docs",
-                 progress: bool = True) -> list[dict]:
+                 progress: bool = True, only: str = "paper") -> list[dict]:
+    """`only`: "paper" (the paper's claims, below) or "onpolicy" (beyond the paper: demo/ablate_onpolicy.py)."""
     start = time.perf_counter()
     out = Path(out)
     plan = QUICK if quick else FULL
+    if only == "onpolicy":
+        from modistill.demo.ablate_onpolicy import run_onpolicy_ablation
+
+        command = f"modistill ablate --only onpolicy --seeds {seeds}" + (" --quick" if quick else "")
+        return run_onpolicy_ablation(out, plan, seeds, docs, progress, command)
     base = Demo(out, plan, seed=0, progress=progress)
     base.make_world()
     teacher = base.teacher()

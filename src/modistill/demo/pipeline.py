@@ -153,7 +153,7 @@ class Demo:
         return out_dir
 
     def mimic(self, out_dir: Path, base: Path, teacher: Path | None, sp: StagePlan, *, kd: float = 1.0,
-              ce: float = 0.0, upcycle_top_k: int | None = None) -> Path:
+              ce: float = 0.0, upcycle_top_k: int | None = None, loss: dict[str, Any] | None = None) -> Path:
         """Stage 1a (dense KD), 1b (upcycle_top_k set, or an MoE base: KD + CE + balance), or SFT (kd=0)."""
         student: dict[str, Any] = {"path": str(base)}
         cfg: dict[str, Any] = {"output_dir": str(out_dir), "student": student, "data": self.student_data(),
@@ -165,9 +165,9 @@ class Demo:
                                                           "layers": "every-other", "seed": self.seed}
             student["experts_implementation"] = "eager"  # on CPUs ~15 % faster than grouped_mm
             cfg.update(stage="mimic_sparse", upcycle=upcycle,
-                       loss={"kd_weight": kd, "ce_weight": ce, "balance_coef": 0.01})
+                       loss={"kd_weight": kd, "ce_weight": ce, "balance_coef": 0.01, **(loss or {})})
         else:
-            cfg.update(stage="mimic_dense", loss={"kd_weight": kd, "ce_weight": ce})
+            cfg.update(stage="mimic_dense", loss={"kd_weight": kd, "ce_weight": ce, **(loss or {})})
         if kd > 0:
             cfg["teacher"] = {"path": str(teacher)}
         self.run_stage(out_dir, cfg)

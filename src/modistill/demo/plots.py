@@ -122,3 +122,44 @@ def hallucination_vs_accuracy(rows: list[dict], out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+_ROUTER = re.compile(r"^router/L(\d+)/(entropy|dead_experts|topk_changed)$")
+ROUTER_PANELS = (("entropy", "router entropy (nats)"), ("dead_experts", "dead experts (top-1 share < 1 %)"),
+                 ("topk_changed", "tokens whose top-k changed since upcycling"))
+
+
+def router_metrics(stages: dict[str, Path], out: Path) -> Path | None:
+    """One panel per router metric, a line per MoE layer, over the MoE stages' steps laid end to end."""
+    series: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    boundaries: list[tuple[int, str]] = []
+    offset = 0
+    for name, stage_dir in stages.items():
+        logs = [h for h in read_logs(stage_dir) if any(_ROUTER.match(k) for k in h)]
+        if not logs:
+            continue
+        boundaries.append((offset, name))
+        for h in logs:
+            for key, value in h.items():
+                match = _ROUTER.match(key)
+                if match:
+                    series.setdefault((match.group(2), int(match.group(1))), []).append((offset + h["step"], value))
+        offset += max(h["step"] for h in logs)
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(ROUTER_PANELS), figsize=(4.2 * len(ROUTER_PANELS), 3.0), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], ROUTER_PANELS):
+        for (m, layer), points in sorted(series.items()):
+            if m == metric:
+                ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.4, label=f"layer {layer}")
+        for x, name in boundaries:
+            ax.axvline(x, color="grey", lw=0.8, ls="--")
+            ax.text(x, 1.0, f" {name}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step (stages end to end)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -165,6 +165,7 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
     made = {
         "losses": plots.loss_curves(results["stages"], figures / "losses.png"),
         "expert_load": plots.expert_load(results["stages"], figures / "expert_load.png"),
+        "router": plots.router_metrics(results["stages"], figures / "router_metrics.png"),
         "bars": plots.metric_bars(rows, figures / "metrics.png"),
         "scatter": plots.hallucination_vs_accuracy(rows, figures / "hallucination_vs_accuracy.png"),
     }
@@ -193,7 +194,8 @@ def _markdown(results: dict, figures: dict[str, Path | None]) -> str:
     lines += ["## Figures", ""]
     for key, title in (("bars", "Accuracy and hallucination per model"),
                        ("scatter", "Hallucination vs accuracy"), ("losses", "Training losses"),
-                       ("expert_load", "Expert load per MoE layer")):
+                       ("expert_load", "Expert load per MoE layer"),
+                       ("router", "Router entropy, dead experts and routing drift since upcycling (stages 1b, 2)")):
         if figures.get(key) is not None:
             lines += [f"### {title}", "", f"![{title}](figures/{figures[key].name})", ""]
     lines += ["## Timings (seconds)", ""] + [f"- {k}: {v:.1f}" for k, v in results.get("timings", {}).items()]

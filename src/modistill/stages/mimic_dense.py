@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from modistill.data.conversations import load_conversations
 from modistill.errors import UserError
 from modistill.losses.fused import fused_distill_loss
@@ -23,6 +25,7 @@ from modistill.runtime.arguments import callbacks_for, first_samples
 from modistill.runtime.config import DataConfig, StudentConfig, TeacherConfig, TrainArgs
 from modistill.runtime.groups import set_trainable
 from modistill.runtime.inputs import output_head
+from modistill.runtime.onpolicy import OnPolicySampler, RowsCollator, onpolicy_response_tokens
 from modistill.runtime.rundir import start_stage
 from modistill.runtime.student import load_student
 from modistill.runtime.trainer import StageTrainer
@@ -42,6 +45,19 @@ class KDLoss:
     ce_weight: float = 0.0
     # Positions per chunk of the fused LM-head + loss (full-vocabulary logits never exist at once).
     chunk_size: int = 256
+    # On-policy (GKD-style): this fraction of micro-batches distils on answers the student samples now
+    # (KD on the sampled answers, CE on the dataset's); 0 = the paper's fixed responses. See runtime/onpolicy.py.
+    onpolicy_fraction: float = 0.0
+    onpolicy_temperature: float = 1.0  # sampling temperature of the student's answers (0 = greedy)
+    onpolicy_max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.onpolicy_fraction <= 1.0:
+            raise ValueError(f"loss.onpolicy_fraction must be in [0, 1], not {self.onpolicy_fraction}")
+        if self.onpolicy_temperature < 0:
+            raise ValueError(f"loss.onpolicy_temperature must be >= 0 (0 = greedy), not {self.onpolicy_temperature}")
+        if self.onpolicy_max_new_tokens < 1:
+            raise ValueError(f"loss.onpolicy_max_new_tokens must be >= 1, not {self.onpolicy_max_new_tokens}")
 
 
 @dataclass
@@ -63,6 +79,9 @@ class MimicDenseConfig:
             raise ValueError(f"stage {self.stage!r} distils: give `teacher` (a model directory) or `teacher_cache`")
         if not self.loss.kd_weight > 0:
             raise ValueError(f"stage {self.stage!r}: loss.kd_weight must be > 0 (for CE alone use stage: sft)")
+        if self.loss.onpolicy_fraction > 0 and self.teacher_cache is not None:
+            raise ValueError("loss.onpolicy_fraction > 0 needs a live `teacher`: a teacher_cache only holds the "
+                             "dataset's answers (set loss.onpolicy_fraction: 0 or give teacher.path)")
 
 
 class MimicTrainer(StageTrainer):
@@ -70,14 +89,29 @@ class MimicTrainer(StageTrainer):
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the accumulated batch's token count itself
 
-    def __init__(self, *args, loss_config: KDLoss, teacher: TeacherSource, **kwargs):
+    def __init__(self, *args, loss_config: KDLoss, teacher: TeacherSource, onpolicy: OnPolicySampler | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config
         self.teacher = teacher
+        self.onpolicy = onpolicy
+        self._micro = (-1, 0)  # (optimizer step, micro-batches seen in it): the on-policy decision's key
+
+    def _next_micro(self) -> int:
+        step, seen = self._micro
+        self._micro = (self.state.global_step, seen + 1 if step == self.state.global_step else 0)
+        return self._micro[1]
 
     def kd_loss(self, model, inputs, num_items_in_batch):
         """(loss, student inputs): KD + CE, normalised by the accumulated batch's response tokens."""
         cfg = self.loss_config
+        if self.onpolicy is not None and model.training:
+            micro = self._next_micro()
+            on = self.onpolicy.chosen(self.state.global_step, micro)
+            self.record("onpolicy", float(on))
+            if on:
+                key = f"{self.onpolicy.seed}:{self.state.global_step}:{micro}:{self.args.process_index}"
+                return self.onpolicy_kd_loss(model, inputs, num_items_in_batch, key)
         student_inputs, states = self.student_states(model, inputs)
         teacher_target = self.teacher.targets(inputs, states)
         weight, bias = output_head(model)
@@ -95,10 +129,59 @@ class MimicTrainer(StageTrainer):
         self.count_tokens(student_inputs["attention_mask"])
         return self.across_devices(losses["loss"], num_items_in_batch), student_inputs
 
+    def onpolicy_kd_loss(self, model, inputs, num_items_in_batch, key: str):
+        """KD on answers the student samples now, CE on the dataset's answers (GKD-style).
+
+        Normalisation: the Trainer's `num_items_in_batch` counts the dataset answers of the whole
+        accumulated batch, before anything is sampled. Each micro-batch keeps the weight its dataset
+        tokens give it (n_orig / N, as off-policy), and its KD is a mean over its sampled tokens:
+        KD_sum / (n_sampled · N / n_orig). With every micro-batch off-policy this is the usual
+        token normalisation; with one micro-batch per step and λ = 1 it is the mean over sampled tokens.
+        """
+        assert self.onpolicy is not None
+        cfg = self.loss_config
+        original_tokens = max(onpolicy_response_tokens(inputs["labels"]), 1)
+        num_items = float(num_items_in_batch) if num_items_in_batch is not None else float(original_tokens)
+        weight, bias = output_head(model)
+        ce = torch.zeros((), device=weight.device)
+        if cfg.ce_weight > 0:  # CE on the dataset's answers: first, so the router logits kept are the KD forward's
+            _, states = self.student_states(model, inputs)
+            ce = fused_distill_loss(states.hidden, weight, teacher=None, labels=states.targets, kd_weight=0.0,
+                                    ce_weight=1.0, chunk_size=cfg.chunk_size, num_items=num_items,
+                                    student_head_bias=bias)["ce"]
+            self.record("ce", ce.item() * num_items, states.targets.numel())
+        sampled = self.onpolicy.sample(self.accelerator.unwrap_model(model), inputs, key)
+        student_inputs, states = self.student_states(model, sampled.batch)
+        teacher_target = self.teacher.targets(sampled.batch, states)
+        kd_items = states.targets.numel() * num_items / original_tokens
+        kd = fused_distill_loss(
+            states.hidden, weight, teacher=teacher_target, labels=states.targets, kind=cfg.divergence,
+            temperature=cfg.temperature, ce_weight=0.0, kd_weight=1.0, chunk_size=cfg.chunk_size,
+            num_items=kd_items, student_head_bias=bias, beta=cfg.jsd_beta, alpha=cfg.skew_alpha,
+        )["kd"]
+        tokens = states.targets.numel()
+        self.record("kd", kd.item() * kd_items, tokens)
+        self.record("onpolicy/answer_tokens", tokens, len(sampled.texts))
+        self.count_tokens(student_inputs["attention_mask"])
+        loss = cfg.kd_weight * kd + cfg.ce_weight * ce
+        return self.across_devices(loss, num_items_in_batch), student_inputs
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, _ = self.kd_loss(model, inputs, num_items_in_batch)
         self.check_finite(loss, inputs)
         return (loss, None) if return_outputs else loss
+
+
+def collator_and_sampler(loss: KDLoss, data, seed: int) -> tuple[object, OnPolicySampler | None]:
+    """The data collator, and the on-policy sampler when loss.onpolicy_fraction > 0 (None: the paper's path)."""
+    collator = data.collator()
+    if loss.onpolicy_fraction <= 0:
+        return collator, None
+    rows = RowsCollator(collator)  # keeps the raw conversations: sampled answers are rendered like the data's
+    sampler = OnPolicySampler(rows.student, rows.teacher, fraction=loss.onpolicy_fraction,
+                              temperature=loss.onpolicy_temperature, max_new_tokens=loss.onpolicy_max_new_tokens,
+                              seed=seed)
+    return rows, sampler
 
 
 def run(cfg: MimicDenseConfig, fresh: bool = False, resume_with_changes: bool = False) -> dict:
@@ -127,9 +210,10 @@ def run(cfg: MimicDenseConfig, fresh: bool = False, resume_with_changes: bool = 
     run_dir.check_samples(len(dataset))  # a resume must see the samples the run started on
 
     # 4. Train: the teacher sits on the student's device, for inference only.
+    collator, onpolicy = collator_and_sampler(cfg.loss, data, args.seed)
     trainer = MimicTrainer(
-        model=student, args=args, train_dataset=dataset, data_collator=data.collator(),
-        processing_class=processor, loss_config=cfg.loss, teacher=teacher, callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
+        model=student, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
+        loss_config=cfg.loss, teacher=teacher, onpolicy=onpolicy, callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
     )
     if isinstance(teacher, LiveTeacher):
         teacher.model.to(trainer.accelerator.device)

@@ -17,18 +17,20 @@ Attention, embeddings and the LM head stay frozen; experts, routers, dense FFNs 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from modistill.data.conversations import load_conversations
 from modistill.errors import UserError
 from modistill.losses.balance import balance_terms
 from modistill.moe import RouterLogitsCollector, set_experts_implementation, sparse_blocks, top_k_of
+from modistill.router_metrics import ROUTERS_FILE, RouterMonitor, save_routers
 from modistill.runtime.arguments import callbacks_for, first_samples
 from modistill.runtime.config import UpcycleSpec
 from modistill.runtime.groups import set_trainable
 from modistill.runtime.rundir import start_stage
 from modistill.runtime.student import load_student
-from modistill.stages.mimic_dense import KDLoss, MimicDenseConfig, MimicTrainer
+from modistill.stages.mimic_dense import KDLoss, MimicDenseConfig, MimicTrainer, collator_and_sampler
 from modistill.teacher.live import LiveTeacher
 from modistill.teacher.source import open_teacher
 from modistill.upcycle import upcycle
@@ -58,18 +60,22 @@ class SparseMimicTrainer(MimicTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.router_collector = RouterLogitsCollector(self.model)  # LlavaModel returns no router logits
+        # Created before any step: its frozen router copy is the routing at upcycling (a resumed run
+        # re-upcycles with the same seed, so the copy is the same).
+        self.router_monitor = RouterMonitor(self.model)
         self._load_sum = None  # top-1 token counts [layers, experts] since the last log
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, student_inputs = self.kd_loss(model, inputs, num_items_in_batch)
         cfg = self.loss_config
-        balance = balance_terms(self.router_collector.pop(), top_k_of(self.model), student_inputs["attention_mask"],
-                                cfg.balance_scope)
+        router_logits, mask = self.router_collector.pop(), student_inputs["attention_mask"]
+        balance = balance_terms(router_logits, top_k_of(self.model), mask, cfg.balance_scope)
         # Once per optimizer step: the Trainer does not divide this loss by the accumulation steps.
         loss = loss + cfg.balance_coef * balance.term / self.current_gradient_accumulation_steps
         self.record("balance", balance.value.item())
         counts = balance.stats.top1.detach().cpu()  # all ranks' counts with the global scope
         self._load_sum = counts if self._load_sum is None else self._load_sum + counts
+        self.router_monitor.observe(router_logits, mask)
         self.check_finite(loss, inputs)
         return (loss, None) if return_outputs else loss
 
@@ -80,6 +86,7 @@ class SparseMimicTrainer(MimicTrainer):
                 for expert, share in enumerate(row.tolist()):
                     logs[f"load/L{layer}/E{expert}"] = share
             logs["load/max_share"] = float(load.max())
+            logs.update(self.router_monitor.logs())
             self._load_sum = None
         super().log(logs, *args, **kwargs)
 
@@ -114,14 +121,19 @@ def run(cfg: MimicSparseConfig, fresh: bool = False, resume_with_changes: bool =
     run_dir.check_samples(len(dataset))  # a resume must see the samples the run started on
 
     # 4. Train: the teacher sits on the student's device, for inference only.
+    collator, onpolicy = collator_and_sampler(cfg.loss, data, args.seed)
     trainer = SparseMimicTrainer(
-        model=student, args=args, train_dataset=dataset, data_collator=data.collator(),
-        processing_class=processor, loss_config=cfg.loss, teacher=teacher, callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
+        model=student, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
+        loss_config=cfg.loss, teacher=teacher, onpolicy=onpolicy, callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
     )
     if isinstance(teacher, LiveTeacher):
         teacher.model.to(trainer.accelerator.device)
     trainer.train(resume_from_checkpoint=run_dir.resume_from)
 
-    # 5. Save: a plain transformers MoE checkpoint (Qwen3-MoE / Qwen2-MoE / Mixtral inside Llava).
-    return run_dir.save_final(trainer, processor,
-                              {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)})
+    # 5. Save: a plain transformers MoE checkpoint (Qwen3-MoE / Qwen2-MoE / Mixtral inside Llava), and the
+    #    routers as upcycled, so that stage 2 can report routing drift since upcycling.
+    metrics = run_dir.save_final(trainer, processor,
+                                 {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)})
+    if trainer.is_world_process_zero():
+        save_routers(Path(cfg.output_dir) / ROUTERS_FILE, trainer.router_monitor.initial)
+    return metrics

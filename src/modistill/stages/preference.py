@@ -26,6 +26,7 @@ from modistill.losses.preference import preference_loss
 from modistill.models.load import load_model
 from modistill.losses.balance import balance_terms
 from modistill.moe import RouterLogitsCollector, sparse_blocks, top_k_of
+from modistill.router_metrics import ROUTERS_FILE, RouterMonitor, load_routers
 from modistill.runtime.arguments import callbacks_for, first_samples
 from modistill.runtime.config import DataConfig, StudentConfig, TeacherConfig, TrainArgs
 from modistill.runtime.groups import set_trainable
@@ -76,7 +77,7 @@ class PreferenceTrainer(StageTrainer):
     loss_is_scaled_for_ga = False  # a per-pair mean: the Trainer divides by the accumulation steps
 
     def __init__(self, *args, loss_config: PreferenceLoss, reference: StoredReference | LiveReference,
-                 pad_id: int, **kwargs):
+                 pad_id: int, initial_routers: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config
         self.reference = reference
@@ -84,6 +85,8 @@ class PreferenceTrainer(StageTrainer):
         model = self.model
         assert model is not None  # the Trainer was given the student
         self.router_collector = RouterLogitsCollector(model) if sparse_blocks(model) else None
+        # Routing drift since upcycling (stage 1b's saved routers), else since this stage's start.
+        self.router_monitor = RouterMonitor(model, initial_routers) if sparse_blocks(model) else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.loss_config
@@ -105,8 +108,10 @@ class PreferenceTrainer(StageTrainer):
             loss = loss + cfg.chosen_ce_weight * ce
             self.record("chosen_ce", ce.item() * chosen_tokens, chosen_tokens)
         if self.router_collector is not None:
-            balance = balance_terms(self.router_collector.pop(), top_k_of(self.model), pair["attention_mask"],
-                                    cfg.balance_scope)
+            router_logits = self.router_collector.pop()
+            balance = balance_terms(router_logits, top_k_of(self.model), pair["attention_mask"], cfg.balance_scope)
+            if self.router_monitor is not None:
+                self.router_monitor.observe(router_logits, pair["attention_mask"])
             loss = loss + cfg.balance_coef * balance.term
             self.record("balance", balance.value.item())
         margins = (chosen_rewards - rejected_rewards).detach()
@@ -119,6 +124,17 @@ class PreferenceTrainer(StageTrainer):
         self.check_finite(loss, inputs)
         self.count_tokens(pair["attention_mask"])
         return (loss, None) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self.router_monitor is not None:
+            logs.update(self.router_monitor.logs())
+        super().log(logs, *args, **kwargs)
+
+
+def _routers_at_upcycling(student_path: str | None) -> dict | None:
+    """The routers as stage 1b upcycled them (saved beside its student), or None (compare with this stage's start)."""
+    path = Path(student_path) / ROUTERS_FILE if student_path else None
+    return load_routers(path) if path is not None and path.is_file() else None
 
 
 def run(cfg: PreferenceConfig, fresh: bool = False, resume_with_changes: bool = False) -> dict:
@@ -170,6 +186,7 @@ def run(cfg: PreferenceConfig, fresh: bool = False, resume_with_changes: bool = 
     trainer = PreferenceTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
         loss_config=cfg.loss, reference=reference, pad_id=pad_id, callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
+        initial_routers=_routers_at_upcycling(cfg.student.path),
     )
     if isinstance(reference, LiveReference):
         reference.model.to(trainer.accelerator.device)
