@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "modistill"
 LAYERS = [
     {"errors", "config", "io", "faults", "__init__"},
     {"losses"},
-    {"models", "upcycle", "moe", "info"},
+    {"models", "upcycle", "moe", "router_metrics", "info"},
     {"scenes"},
     {"data"},
     {"runtime"},
