@@ -47,15 +47,21 @@ def plain_kd(x: dict[str, torch.Tensor]) -> float:
     student = F.linear(x["hidden"], x["weight"])
     with torch.no_grad():
         teacher = F.linear(x["teacher_hidden"], x["teacher_weight"])
-    loss = F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
-                    reduction="sum") / student.shape[0]
+    loss = (
+        F.kl_div(
+            F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True, reduction="sum"
+        )
+        / student.shape[0]
+    )
     loss.backward()
     return float(loss)
 
 
 def fused_kd(x: dict[str, torch.Tensor], chunk_size: int) -> float:
     teacher = TeacherHidden(x["teacher_hidden"], x["teacher_weight"])
-    loss = fused_distill_loss(x["hidden"], x["weight"], teacher=teacher, labels=x["labels"], chunk_size=chunk_size)["loss"]
+    loss = fused_distill_loss(x["hidden"], x["weight"], teacher=teacher, labels=x["labels"], chunk_size=chunk_size)[
+        "loss"
+    ]
     loss.backward()
     return float(loss)
 
@@ -97,11 +103,18 @@ def thp_probe(rows: int, hidden: int, vocab: int, chunk: int, rounds: int = 2) -
     for _ in range(rounds):
         for setting in runs:
             env = {**os.environ, "THP_MEM_ALLOC_ENABLE": setting}
-            out = subprocess.run([sys.executable, __file__, "--thp-worker", str(rows), str(hidden), str(vocab), str(chunk)],
-                                 env=env, capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--thp-worker", str(rows), str(hidden), str(vocab), str(chunk)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             runs[setting].append(json.loads(out.strip().splitlines()[-1]))
-    return {setting: {name: statistics.median(r[name] for r in rs) for name in ("plain", "fused")}
-            for setting, rs in runs.items()}
+    return {
+        setting: {name: statistics.median(r[name] for r in rs) for name in ("plain", "fused")}
+        for setting, rs in runs.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -109,8 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--sweep", type=int, nargs="*", default=[64, 128, 256, 512, 1024],
-                        help="chunk sizes tried on a quarter of the rows first")
+    parser.add_argument(
+        "--sweep",
+        type=int,
+        nargs="*",
+        default=[64, 128, 256, 512, 1024],
+        help="chunk sizes tried on a quarter of the rows first",
+    )
     parser.add_argument("--thp-worker", type=int, nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.thp_worker:
@@ -152,24 +170,40 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows_out = []
     for name, r in head.items():
-        rows_out.append([name, r["median_s"], r["median_s"] / plain["median_s"], r["median_peak_extra_bytes"] / bl.GB,
-                         r["median_peak_extra_bytes"] / plain["median_peak_extra_bytes"]])
+        rows_out.append(
+            [
+                name,
+                r["median_s"],
+                r["median_s"] / plain["median_s"],
+                r["median_peak_extra_bytes"] / bl.GB,
+                r["median_peak_extra_bytes"] / plain["median_peak_extra_bytes"],
+            ]
+        )
     headline = bl.markdown_table(
-        ["path (forward + backward of the loss)", "s", "time / plain", "peak extra GB", "memory / plain"], rows_out)
+        ["path (forward + backward of the loss)", "s", "time / plain", "peak extra GB", "memory / plain"], rows_out
+    )
     sweep_rows_out = [["plain", plain_sweep["median_s"], 1.0, plain_sweep["median_peak_extra_bytes"] / bl.MB, 1.0]]
     for chunk in args.sweep:
         r = sweep[f"fused, chunk {chunk}"]
-        sweep_rows_out.append([f"fused, chunk {chunk}", r["median_s"], r["median_s"] / plain_sweep["median_s"],
-                               r["median_peak_extra_bytes"] / bl.MB,
-                               r["median_peak_extra_bytes"] / plain_sweep["median_peak_extra_bytes"]])
-    sweep_table = bl.markdown_table(["sweep (1/4 of the rows)", "s", "time / plain", "peak extra MB", "memory / plain"],
-                                    sweep_rows_out)
+        sweep_rows_out.append(
+            [
+                f"fused, chunk {chunk}",
+                r["median_s"],
+                r["median_s"] / plain_sweep["median_s"],
+                r["median_peak_extra_bytes"] / bl.MB,
+                r["median_peak_extra_bytes"] / plain_sweep["median_peak_extra_bytes"],
+            ]
+        )
+    sweep_table = bl.markdown_table(
+        ["sweep (1/4 of the rows)", "s", "time / plain", "peak extra MB", "memory / plain"], sweep_rows_out
+    )
     default = head.get(f"fused, chunk {DEFAULT_CHUNK}") or head[f"fused, chunk {chosen[0]}"]
     mem_ratio = default["median_peak_extra_bytes"] / plain["median_peak_extra_bytes"]
     time_ratio = default["median_s"] / plain["median_s"]
     notes = [
         f"{rows} rows (batch x length), vocabulary {vocab:,}, student and teacher hidden {hidden}, fp32, "
-        f"forward KL at T=1 on every row; {torch.get_num_threads()} threads; medians of {repeats} interleaved repetitions.",
+        f"forward KL at T=1 on every row; {torch.get_num_threads()} threads; medians of {repeats} interleaved "
+        "repetitions.",
         f"Default chunk ({DEFAULT_CHUNK}): memory {mem_ratio:.3f} of plain (target <= {TARGET_MEMORY}: "
         f"{'met' if mem_ratio <= TARGET_MEMORY else 'MISSED'}), time {time_ratio:.2f}x (target <= {TARGET_TIME}: "
         f"{'met' if time_ratio <= TARGET_TIME else 'MISSED'}). Fastest chunk in the sweep: {best}.",
@@ -182,14 +216,33 @@ def main(argv: list[str] | None = None) -> dict:
     thp = thp_probe(probe_rows, hidden, vocab, DEFAULT_CHUNK, rounds=1 if args.quick else 2)
     thp_table = bl.markdown_table(
         [f"THP_MEM_ALLOC_ENABLE ({probe_rows} rows)", "plain s", "fused s (chunk 256)", "fused / plain"],
-        [[setting, t["plain"], t["fused"], t["fused"] / t["plain"]] for setting, t in thp.items()])
-    notes.append(f"Huge pages: with THP_MEM_ALLOC_ENABLE=1 the plain path takes {thp['1']['plain'] / thp['0']['plain']:.2f}x "
-                 f"and the fused path {thp['1']['fused'] / thp['0']['fused']:.2f}x the time without (medians of alternating "
-                 "fresh processes); the benchmarks themselves run without it.")
-    data = {"rows": rows, "vocab": vocab, "hidden": hidden, "headline": head, "sweep": {**sweep, "plain": plain_sweep},
-            "best_chunk": best, "memory_ratio_default": mem_ratio, "time_ratio_default": time_ratio, "thp_probe": thp}
-    return bl.finish("b1_kd_loss_memory", "B1 - KD loss memory and time at V=151,936", [headline, sweep_table, thp_table],
-                     notes, data, started, args)
+        [[setting, t["plain"], t["fused"], t["fused"] / t["plain"]] for setting, t in thp.items()],
+    )
+    notes.append(
+        f"Huge pages: with THP_MEM_ALLOC_ENABLE=1 the plain path takes {thp['1']['plain'] / thp['0']['plain']:.2f}x "
+        f"and the fused path {thp['1']['fused'] / thp['0']['fused']:.2f}x the time without (medians of alternating "
+        "fresh processes); the benchmarks themselves run without it."
+    )
+    data = {
+        "rows": rows,
+        "vocab": vocab,
+        "hidden": hidden,
+        "headline": head,
+        "sweep": {**sweep, "plain": plain_sweep},
+        "best_chunk": best,
+        "memory_ratio_default": mem_ratio,
+        "time_ratio_default": time_ratio,
+        "thp_probe": thp,
+    }
+    return bl.finish(
+        "b1_kd_loss_memory",
+        "B1 - KD loss memory and time at V=151,936",
+        [headline, sweep_table, thp_table],
+        notes,
+        data,
+        started,
+        args,
+    )
 
 
 if __name__ == "__main__":

@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     cache: dict = {}
     print("B2 warm-up (small batch: optimizer state, lazy initialisation)")
     bl.interleaved(variants(warm), repeats=1, warmup=0)
-    print(f"B2: batch {batch_size} x {length}, vocabulary {vocab:,}, student {bl.parameter_count(student) / 1e6:.1f}M, "
-          f"teacher {bl.parameter_count(teacher) / 1e6:.1f}M, {repeats} interleaved repetitions")
+    print(
+        f"B2: batch {batch_size} x {length}, vocabulary {vocab:,}, student {bl.parameter_count(student) / 1e6:.1f}M, "
+        f"teacher {bl.parameter_count(teacher) / 1e6:.1f}M, {repeats} interleaved repetitions"
+    )
     runs = bl.interleaved(variants(batch), repeats=repeats, warmup=0)
 
     base = runs["student CE step"]
@@ -75,24 +77,47 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name, r in runs.items():
         per_budget = "" if name in ("student CE step", "teacher forward") else r["median_s"] / budget
-        rows.append([name, r["median_s"], per_budget, r["median_peak_extra_bytes"] / bl.GB,
-                     r["median_peak_extra_bytes"] / base["median_peak_extra_bytes"]])
-    table = bl.markdown_table(["step", "s/step", "/ (CE step + teacher fwd)", "peak extra GB", "peak extra / CE step's"],
-                              rows)
+        rows.append(
+            [
+                name,
+                r["median_s"],
+                per_budget,
+                r["median_peak_extra_bytes"] / bl.GB,
+                r["median_peak_extra_bytes"] / base["median_peak_extra_bytes"],
+            ]
+        )
+    table = bl.markdown_table(
+        ["step", "s/step", "/ (CE step + teacher fwd)", "peak extra GB", "peak extra / CE step's"], rows
+    )
     ratio = runs["modistill KD (live teacher)"]["median_s"] / budget
     notes = [
         f"Student {bl.parameter_count(student) / 1e6:.1f}M (hidden {student_size[0]} x {student_size[1]}), teacher "
-        f"{bl.parameter_count(teacher) / 1e6:.1f}M (hidden {teacher_size[0]} x {teacher_size[1]}), vocabulary {vocab:,}, "
-        f"batch {batch_size} x {length}, fp32, every token a response token; medians of {repeats} interleaved repetitions.",
+        f"{bl.parameter_count(teacher) / 1e6:.1f}M (hidden {teacher_size[0]} x {teacher_size[1]}), vocabulary "
+        f"{vocab:,}, "
+        f"batch {batch_size} x {length}, fp32, every token a response token; medians of {repeats} interleaved "
+        "repetitions.",
         f"modistill KD / (CE step + teacher forward) = {ratio:.2f} (target <= {TARGET}: "
         f"{'met' if ratio <= TARGET else 'MISSED'}).",
         "Peak extra = RSS peak during the step minus RSS before it (weights, gradients of the previous step and "
         "optimizer state excluded; process-wide weights + AdamW state are the same for every row).",
     ]
-    data = {"vocab": vocab, "batch": [batch_size, length], "student_params": bl.parameter_count(student),
-            "teacher_params": bl.parameter_count(teacher), "runs": runs, "ratio_kd_over_ce_plus_teacher": ratio}
-    return bl.finish("b2_live_teacher_step", "B2 - live-teacher KD step vs CE step + teacher forward (peer set-up)",
-                     [table], notes, data, started, args)
+    data = {
+        "vocab": vocab,
+        "batch": [batch_size, length],
+        "student_params": bl.parameter_count(student),
+        "teacher_params": bl.parameter_count(teacher),
+        "runs": runs,
+        "ratio_kd_over_ce_plus_teacher": ratio,
+    }
+    return bl.finish(
+        "b2_live_teacher_step",
+        "B2 - live-teacher KD step vs CE step + teacher forward (peer set-up)",
+        [table],
+        notes,
+        data,
+        started,
+        args,
+    )
 
 
 if __name__ == "__main__":

@@ -18,17 +18,24 @@ import time
 
 import benchlib as bl
 import steps
+from modistill.runtime.inputs import output_head
 from modistill.teacher.cache import CacheIdentity, TeacherCache, TeacherCacheWriter
 from modistill.teacher.live import LiveTeacher
-from modistill.runtime.inputs import output_head
 
 TARGET = 1.10
 DISTILLKIT_BYTES_PER_TOKEN = 300  # DistillKit's stored top-k logits, as reported by its authors (~300 B/token)
 
 
 def write_cache(teacher, batch: dict, vocab: int, top_k: int, out_dir: str) -> dict:
-    identity = CacheIdentity(teacher="bench-teacher", teacher_fingerprint="-", data_fingerprint="-",
-                             tokenizer_fingerprint="-", vocab_rows=vocab, top_k=top_k, temperature=1.0)
+    identity = CacheIdentity(
+        teacher="bench-teacher",
+        teacher_fingerprint="-",
+        data_fingerprint="-",
+        tokenizer_fingerprint="-",
+        vocab_rows=vocab,
+        top_k=top_k,
+        temperature=1.0,
+    )
     writer = TeacherCacheWriter(out_dir, identity, shard_size=1024)
     states = LiveTeacher(teacher, vocab).forward(batch)
     weight, bias = output_head(teacher)
@@ -82,13 +89,30 @@ def main(argv: list[str] | None = None) -> dict:
     runs = bl.interleaved(variants(batch, cache_dir), repeats=repeats, warmup=0)
 
     base = runs["student CE step"]
-    rows = [[name, r["median_s"], r["median_s"] / base["median_s"], r["median_peak_extra_bytes"] / bl.GB,
-             r["median_peak_extra_bytes"] / base["median_peak_extra_bytes"]] for name, r in runs.items()]
+    rows = [
+        [
+            name,
+            r["median_s"],
+            r["median_s"] / base["median_s"],
+            r["median_peak_extra_bytes"] / bl.GB,
+            r["median_peak_extra_bytes"] / base["median_peak_extra_bytes"],
+        ]
+        for name, r in runs.items()
+    ]
     table = bl.markdown_table(["step", "s/step", "/ CE step", "peak extra GB", "peak extra / CE step's"], rows)
     cache_table = bl.markdown_table(
         ["cache", "tokens", "bytes", "bytes/token", "DistillKit bytes/token", "write time s (teacher fwd + top-k)"],
-        [[f"top-{args.top_k}", manifest["num_tokens"], manifest["bytes"], manifest["bytes_per_token"],
-          DISTILLKIT_BYTES_PER_TOKEN, write_cache_s]])
+        [
+            [
+                f"top-{args.top_k}",
+                manifest["num_tokens"],
+                manifest["bytes"],
+                manifest["bytes_per_token"],
+                DISTILLKIT_BYTES_PER_TOKEN,
+                write_cache_s,
+            ]
+        ],
+    )
     ratio = runs[f"modistill KD, cached top-{args.top_k}"]["median_s"] / base["median_s"]
     notes = [
         f"Student hidden {student_size[0]} x {student_size[1]} ({bl.parameter_count(student) / 1e6:.1f}M), vocabulary "
@@ -98,10 +122,23 @@ def main(argv: list[str] | None = None) -> dict:
         f"Cache layout: ids int32 + log-probs fp32 per kept token and a target id: 8k + 4 = "
         f"{8 * args.top_k + 4} B/token plus the safetensors header.",
     ]
-    data = {"vocab": vocab, "batch": [batch_size, length], "runs": runs, "manifest": manifest,
-            "write_cache_s": write_cache_s, "ratio_cached_kd_over_ce": ratio}
-    return bl.finish("b3_cached_teacher_step", "B3 - cached-teacher KD step vs student CE step", [table, cache_table],
-                     notes, data, started, args)
+    data = {
+        "vocab": vocab,
+        "batch": [batch_size, length],
+        "runs": runs,
+        "manifest": manifest,
+        "write_cache_s": write_cache_s,
+        "ratio_cached_kd_over_ce": ratio,
+    }
+    return bl.finish(
+        "b3_cached_teacher_step",
+        "B3 - cached-teacher KD step vs student CE step",
+        [table, cache_table],
+        notes,
+        data,
+        started,
+        args,
+    )
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ import torch
 
 import benchlib as bl
 import steps
-from modistill.teacher.reference import ReferenceStore, save_reference
 from modistill.runtime.groups import set_trainable
 from modistill.runtime.inputs import pair_inputs, pair_logps
 from modistill.stages.preference import PreferenceLoss, PreferenceTrainer
-from modistill.teacher.reference import LiveReference, StoredReference
+from modistill.teacher.reference import LiveReference, ReferenceStore, StoredReference, save_reference
 from modistill.upcycle import upcycle
 
 TARGET = 1.05
@@ -48,7 +47,9 @@ def pair_batch(pairs: int, length: int, prompt: int, vocab: int, seed: int) -> d
         ids = torch.cat([prompt_ids, torch.randint(0, vocab, (pairs, length - prompt), generator=gen)], dim=1)
         labels = ids.clone()
         labels[:, :prompt] = -100
-        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": torch.ones_like(ids), f"{side}_labels": labels})
+        batch.update(
+            {f"{side}_input_ids": ids, f"{side}_attention_mask": torch.ones_like(ids), f"{side}_labels": labels}
+        )
     return batch
 
 
@@ -83,11 +84,15 @@ def main(argv: list[str] | None = None) -> dict:
     warm_store = store_reference(teacher, warm, tempfile.mkdtemp(prefix="modistill-bench-ref-"), loss.chunk_size)
 
     def trainer(reference) -> PreferenceTrainer:
-        return PreferenceTrainer(model=student, args=steps.training_args(), loss_config=loss, reference=reference,
-                                 pad_id=0)
+        return PreferenceTrainer(
+            model=student, args=steps.training_args(), loss_config=loss, reference=reference, pad_id=0
+        )
 
-    stored, zero, live = trainer(StoredReference(store)), trainer(ZeroReference()), trainer(
-        LiveReference(teacher, loss.logps, 0, loss.chunk_size))
+    stored, zero, live = (
+        trainer(StoredReference(store)),
+        trainer(ZeroReference()),
+        trainer(LiveReference(teacher, loss.logps, 0, loss.chunk_size)),
+    )
     runner = steps.StepRunner(student, stored)
 
     def variants(b: dict, s: ReferenceStore) -> dict:
@@ -104,8 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     runs = bl.interleaved(variants(batch, store), repeats=repeats, warmup=0)
 
     base = runs["no reference term"]
-    rows = [[name, r["median_s"], r["median_s"] / base["median_s"], r["median_peak_extra_bytes"] / bl.GB]
-            for name, r in runs.items()]
+    rows = [
+        [name, r["median_s"], r["median_s"] / base["median_s"], r["median_peak_extra_bytes"] / bl.GB]
+        for name, r in runs.items()
+    ]
     table = bl.markdown_table(["stage-2 step", "s/step", "/ no-reference step", "peak extra GB"], rows)
     ratio = runs["precomputed reference (ReferenceStore)"]["median_s"] / base["median_s"]
     notes = [
@@ -113,12 +120,26 @@ def main(argv: list[str] | None = None) -> dict:
         f"layer ({bl.parameter_count(student) / 1e6:.1f}M; trainable {sum(trainable.values()) / 1e6:.1f}M: "
         f"{', '.join(sorted(trainable))}), vocabulary {vocab:,}; {pairs} pairs, answers {length} tokens "
         f"({prompt} prompt); paired KTO beta 0.1 + 0.01 balance; medians of {repeats} interleaved repetitions.",
-        f"precomputed reference / no reference = {ratio:.3f} (target <= {TARGET}: {'met' if ratio <= TARGET else 'MISSED'}).",
+        f"precomputed reference / no reference = {ratio:.3f} (target <= {TARGET}: "
+        f"{'met' if ratio <= TARGET else 'MISSED'}).",
     ]
-    data = {"vocab": vocab, "pairs": pairs, "length": length, "runs": runs, "ratio_precomputed_over_none": ratio,
-            "trainable": trainable}
-    return bl.finish("b4_preference_reference", "B4 - stage-2 step: precomputed reference vs no reference term",
-                     [table], notes, data, started, args)
+    data = {
+        "vocab": vocab,
+        "pairs": pairs,
+        "length": length,
+        "runs": runs,
+        "ratio_precomputed_over_none": ratio,
+        "trainable": trainable,
+    }
+    return bl.finish(
+        "b4_preference_reference",
+        "B4 - stage-2 step: precomputed reference vs no reference term",
+        [table],
+        notes,
+        data,
+        started,
+        args,
+    )
 
 
 if __name__ == "__main__":

@@ -80,12 +80,15 @@ def main(argv: list[str] | None = None) -> dict:
         for name, (model, implementation) in models.items():
             if implementation is not None:
                 language_model(model).set_experts_implementation(implementation)
-            r = measure_efficiency(model, processor, new_tokens=new_tokens, batch_size=args.batch_size,
-                                   repeats=1 if args.quick else 3)
+            r = measure_efficiency(
+                model, processor, new_tokens=new_tokens, batch_size=args.batch_size, repeats=1 if args.quick else 3
+            )
             results[name].append(r)
-            print(f"  round {round_index + 1} {name:45s} batch1 {r['batch1']['decode_tokens_per_s']:8.1f} tok/s  "
-                  f"batch{args.batch_size} {r['batched']['decode_tokens_per_s']:8.1f} tok/s  "
-                  f"peak +{(r['peak_memory']['delta_bytes'] or 0) / bl.MB:.1f} MB")
+            print(
+                f"  round {round_index + 1} {name:45s} batch1 {r['batch1']['decode_tokens_per_s']:8.1f} tok/s  "
+                f"batch{args.batch_size} {r['batched']['decode_tokens_per_s']:8.1f} tok/s  "
+                f"peak +{(r['peak_memory']['delta_bytes'] or 0) / bl.MB:.1f} MB"
+            )
 
     def median(name: str, *keys: str) -> float:
         values = []
@@ -101,28 +104,53 @@ def main(argv: list[str] | None = None) -> dict:
     for name in models:
         c = counts[name]
         b1 = median(name, "batch1", "decode_tokens_per_s")
-        rows.append([name, f"{c['total'] / 1e6:.2f}M / {c['activated'] / 1e6:.2f}M", b1,
-                     b1 / median(teacher_name, "batch1", "decode_tokens_per_s"),
-                     median(name, "batched", "decode_tokens_per_s"),
-                     median(name, "batched", "generate_tokens_per_s"),
-                     results[name][0]["weights_bytes"] / bl.MB, median(name, "peak_memory", "delta_bytes") / bl.MB])
+        rows.append(
+            [
+                name,
+                f"{c['total'] / 1e6:.2f}M / {c['activated'] / 1e6:.2f}M",
+                b1,
+                b1 / median(teacher_name, "batch1", "decode_tokens_per_s"),
+                median(name, "batched", "decode_tokens_per_s"),
+                median(name, "batched", "generate_tokens_per_s"),
+                results[name][0]["weights_bytes"] / bl.MB,
+                median(name, "peak_memory", "delta_bytes") / bl.MB,
+            ]
+        )
     table = bl.markdown_table(
-        ["model", "params total / activated", "decode tok/s, batch 1", "vs teacher",
-         f"decode tok/s, batch {args.batch_size}", f"generate tok/s, batch {args.batch_size}", "weights MB",
-         f"generation peak extra MB, batch {args.batch_size}"], rows)
+        [
+            "model",
+            "params total / activated",
+            "decode tok/s, batch 1",
+            "vs teacher",
+            f"decode tok/s, batch {args.batch_size}",
+            f"generate tok/s, batch {args.batch_size}",
+            "weights MB",
+            f"generation peak extra MB, batch {args.batch_size}",
+        ],
+        rows,
+    )
     eager = median("MoE student, experts eager", "batch1", "decode_tokens_per_s")
     grouped = median("MoE student, experts grouped_mm", "batch1", "decode_tokens_per_s")
     notes = [
-        f"Greedy decoding of exactly {new_tokens} new tokens after one 48 px image (9 image tokens) and a short prompt; "
-        f"decode tok/s excludes the prefill (t(n) - t(1)); medians over {rounds} interleaved rounds, each the fastest of "
+        f"Greedy decoding of exactly {new_tokens} new tokens after one 48 px image (9 image tokens) and a "
+        "short prompt; "
+        f"decode tok/s excludes the prefill (t(n) - t(1)); medians over {rounds} interleaved rounds, each the "
+        "fastest of "
         f"3 calls; fp32, {bl.machine_info()['torch_threads']} threads.",
         f"Experts kernel at batch 1: eager / grouped_mm = {eager / grouped:.2f}.",
         "At this scale weights are a few MB and the generation peak is within the RSS noise of the process "
         "(+-10 MB, see modistill.eval.efficiency): the memory column says 'small', not which model is smaller.",
     ]
     data = {"counts": counts, "results": results, "new_tokens": new_tokens, "batch_size": args.batch_size}
-    return bl.finish("b5_moe_decode", "B5 - decode speed and memory at demo scale (MoE vs dense)", [table], notes,
-                     data, started, args)
+    return bl.finish(
+        "b5_moe_decode",
+        "B5 - decode speed and memory at demo scale (MoE vs dense)",
+        [table],
+        notes,
+        data,
+        started,
+        args,
+    )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,13 @@ K = 4
 
 def _spec(tok: str, hidden: int, layers: int, seed: int) -> ModelSpec:
     vision = VisionSpec(hidden_size=128, num_layers=3, num_heads=4, intermediate_size=512, image_size=48, patch_size=16)
-    text = TextSpec(hidden_size=hidden, num_layers=layers, num_heads=8 if hidden >= 512 else 4, num_kv_heads=2,
-                    intermediate_size=3 * hidden)
+    text = TextSpec(
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=8 if hidden >= 512 else 4,
+        num_kv_heads=2,
+        intermediate_size=3 * hidden,
+    )
     return ModelSpec(vision=vision, text=text, tokenizer=tok, seed=seed)
 
 
@@ -94,12 +99,14 @@ def main(argv: list[str] | None = None) -> dict:
     alone_s, spec_s, identical, stats = [], [], True, None
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        ref = teacher_greedy(teacher, inputs, max_new_tokens=new_tokens, pad_id=processor.tokenizer.pad_token_id,
-                             eos=never)
+        ref = teacher_greedy(
+            teacher, inputs, max_new_tokens=new_tokens, pad_id=processor.tokenizer.pad_token_id, eos=never
+        )
         alone_s.append(time.perf_counter() - start)
         start = time.perf_counter()
-        out, stats = speculative_generate(teacher, draft, inputs, inputs, max_new_tokens=new_tokens, num_draft=K,
-                                          eos=never)
+        out, stats = speculative_generate(
+            teacher, draft, inputs, inputs, max_new_tokens=new_tokens, num_draft=K, eos=never
+        )
         spec_s.append(time.perf_counter() - start)
         identical &= out == ref
     alone, spec = statistics.median(alone_s[1:]), statistics.median(spec_s[1:])  # first round: warm-up
@@ -107,19 +114,36 @@ def main(argv: list[str] | None = None) -> dict:
     tk = _forward_cost(teacher, inputs, K + 1, repeats + 2)
     td = _forward_cost(draft, inputs, 1, repeats + 2)
     counts = {"teacher": parameter_counts(teacher), "draft": parameter_counts(draft)}
-    rows = [["teacher alone (generate)", alone, new_tokens / alone, 1.0, "-", "-"],
-            ["teacher + random draft (measured)", spec, new_tokens / spec, alone / spec,
-             f"{stats.acceptance_rate:.3f}", f"{stats.tokens_per_teacher_forward:.2f}"]]
+    rows = [
+        ["teacher alone (generate)", alone, new_tokens / alone, 1.0, "-", "-"],
+        [
+            "teacher + random draft (measured)",
+            spec,
+            new_tokens / spec,
+            alone / spec,
+            f"{stats.acceptance_rate:.3f}",
+            f"{stats.tokens_per_teacher_forward:.2f}",
+        ],
+    ]
     rows.append(["teacher alone, cached forwards (model)", new_tokens * t1, 1 / t1, 1.0, "-", "1.00"])
     alphas = {f"α = {a:g} (model)": a for a in (0.5, 0.7, 0.9)}
     alphas.update({f"α of demo drafter `{k}` (model)": v for k, v in measured_alphas().items()})
     for name, a in alphas.items():
         s = predicted_speedup(a, K, t1, tk, td)
         # Seconds against the modelled teacher alone (new_tokens cached forwards of t1 each).
-        rows.append([f"teacher + draft, {name}", new_tokens * t1 / s, s / t1, s, f"{a:.3f}",
-                     f"{(K + 1) if a >= 1 else (1 - a ** (K + 1)) / (1 - a):.2f}"])
-    table = bl.markdown_table(["decoding", "seconds", "tokens/s", "speed-up", "acceptance", "tokens / teacher fwd"],
-                              rows)
+        rows.append(
+            [
+                f"teacher + draft, {name}",
+                new_tokens * t1 / s,
+                s / t1,
+                s,
+                f"{a:.3f}",
+                f"{(K + 1) if a >= 1 else (1 - a ** (K + 1)) / (1 - a):.2f}",
+            ]
+        )
+    table = bl.markdown_table(
+        ["decoding", "seconds", "tokens/s", "speed-up", "acceptance", "tokens / teacher fwd"], rows
+    )
     notes = [
         f"Teacher {counts['teacher']['total'] / 1e6:.1f}M parameters (text h{t_hidden} x {t_layers}), draft "
         f"{counts['draft']['total'] / 1e6:.1f}M; batch 1, greedy, exactly {new_tokens} new tokens after a 48 px image "
@@ -130,10 +154,27 @@ def main(argv: list[str] | None = None) -> dict:
         "Modelled rows: speed-up = E[tokens per verification] x t1 / (K x t_draft + t_verify) against the teacher "
         "alone as t1 per token; `generate`'s and the loop's Python overhead are in the measured rows only.",
     ]
-    data = {"counts": counts, "alone_s": alone_s, "spec_s": spec_s, "t1": t1, "tk": tk, "td": td, "k": K,
-            "identical": identical, "acceptance_random_draft": stats.acceptance_rate, "alphas": alphas}
-    return bl.finish("b6_speculative_decode", "B6 - the student as speculative drafter (greedy, output unchanged)",
-                     [table], notes, data, started, args)
+    data = {
+        "counts": counts,
+        "alone_s": alone_s,
+        "spec_s": spec_s,
+        "t1": t1,
+        "tk": tk,
+        "td": td,
+        "k": K,
+        "identical": identical,
+        "acceptance_random_draft": stats.acceptance_rate,
+        "alphas": alphas,
+    }
+    return bl.finish(
+        "b6_speculative_decode",
+        "B6 - the student as speculative drafter (greedy, output unchanged)",
+        [table],
+        notes,
+        data,
+        started,
+        args,
+    )
 
 
 if __name__ == "__main__":

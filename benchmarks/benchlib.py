@@ -95,8 +95,9 @@ def process_rss() -> int:
 
 
 # ------------------------------------------------------------------------------------------ timing
-def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-                log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+def interleaved(
+    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, log: Callable[[str], None] = print
+) -> dict[str, dict[str, Any]]:
     """Run each variant `warmup` + `repeats` times, in turn; time and peak extra RSS of each call.
 
     Returns {name: {"seconds": [...], "peak_extra_bytes": [...], "median_s", "median_peak_extra_bytes"}}.
@@ -115,8 +116,11 @@ def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, warmup: in
                 runs[name]["seconds"].append(round(seconds, 4))
                 runs[name]["peak_extra_bytes"].append(rss.delta)
     return {
-        name: {**r, "median_s": statistics.median(r["seconds"]),
-               "median_peak_extra_bytes": int(statistics.median(r["peak_extra_bytes"]))}
+        name: {
+            **r,
+            "median_s": statistics.median(r["seconds"]),
+            "median_peak_extra_bytes": int(statistics.median(r["peak_extra_bytes"])),
+        }
         for name, r in runs.items()
     }
 
@@ -142,13 +146,22 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     return path
 
 
-def finish(name: str, title: str, tables: list[str], notes: list[str], data: dict[str, Any],
-           started: float, args: argparse.Namespace) -> dict[str, Any]:
+def finish(
+    name: str,
+    title: str,
+    tables: list[str],
+    notes: list[str],
+    data: dict[str, Any],
+    started: float,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     """Print the tables and write results/<name>.json (what run_all puts into RESULTS.md)."""
     machine = machine_info()
-    notes = notes + [f"Load average (1 min) at the start / end of this benchmark: {START_LOAD} / "
-                     f"{machine['load_average_1min']} on {machine['logical_cores']} cores (this benchmark alone "
-                     "keeps it near the core count; more means other processes shared the machine)."]
+    notes = notes + [
+        f"Load average (1 min) at the start / end of this benchmark: {START_LOAD} / "
+        f"{machine['load_average_1min']} on {machine['logical_cores']} cores (this benchmark alone "
+        "keeps it near the core count; more means other processes shared the machine)."
+    ]
     result = {
         "name": name,
         "title": title,
@@ -182,8 +195,14 @@ def qwen3_lm(hidden: int, layers: int, vocab: int, seed: int, head_dim: int = 64
 
     heads = max(1, hidden // head_dim)
     config = Qwen3Config(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=heads, head_dim=head_dim, intermediate_size=3 * hidden, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=head_dim,
+        intermediate_size=3 * hidden,
+        tie_word_embeddings=False,
         max_position_embeddings=4096,
     )
     torch.manual_seed(seed)
@@ -200,5 +219,9 @@ def token_batch(batch: int, length: int, vocab: int, seed: int, prompt: int = 0)
     ids = torch.randint(0, vocab, (batch, length), generator=gen)
     labels = ids.clone()
     labels[:, :prompt] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-            "sample_ids": [f"s{seed}-{i}" for i in range(batch)]}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "sample_ids": [f"s{seed}-{i}" for i in range(batch)],
+    }

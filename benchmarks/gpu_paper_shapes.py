@@ -31,19 +31,19 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import benchlib as bl
-import steps
 import torch
-from b3_cached_teacher_step import write_cache
-from b4_preference_reference import store_reference
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
+import benchlib as bl
+import steps
+from b3_cached_teacher_step import write_cache
+from b4_preference_reference import store_reference
 from modistill.moe import sparse_blocks
-from modistill.teacher.cache import TeacherCache
-from modistill.teacher.live import LiveTeacher
 from modistill.runtime.groups import set_trainable
 from modistill.stages.mimic_sparse import SparseKDLoss
 from modistill.stages.preference import PreferenceLoss, PreferenceTrainer
+from modistill.teacher.cache import TeacherCache
+from modistill.teacher.live import LiveTeacher
 from modistill.teacher.reference import LiveReference, StoredReference
 from modistill.upcycle import upcycle
 
@@ -67,28 +67,61 @@ class Shapes:
 
 PAPER = Shapes(
     vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    image_size=336, patch=14,
-    student=dict(vocab_size=151_936, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
-                 num_key_value_heads=16, intermediate_size=5504),
-    teacher=dict(vocab_size=152_064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
-                 num_key_value_heads=4, intermediate_size=18944),
-    length=2048, prompt=64,
+    image_size=336,
+    patch=14,
+    student=dict(
+        vocab_size=151_936,
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        intermediate_size=5504,
+    ),
+    teacher=dict(
+        vocab_size=152_064,
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+    ),
+    length=2048,
+    prompt=64,
 )
 # 1/32 of the widths, vocabularies and sequence; 1/8 of the depths; a 4 x 4-patch image.
 TINY = Shapes(
     vision=dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128),
-    image_size=56, patch=14,
-    student=dict(vocab_size=4748, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=4, intermediate_size=172),
-    teacher=dict(vocab_size=4752, hidden_size=112, num_hidden_layers=4, num_attention_heads=7,
-                 num_key_value_heads=1, intermediate_size=592),
-    length=64, prompt=8, top_k=8,
+    image_size=56,
+    patch=14,
+    student=dict(
+        vocab_size=4748,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=172,
+    ),
+    teacher=dict(
+        vocab_size=4752,
+        hidden_size=112,
+        num_hidden_layers=4,
+        num_attention_heads=7,
+        num_key_value_heads=1,
+        intermediate_size=592,
+    ),
+    length=64,
+    prompt=8,
+    top_k=8,
 )
 
 
 def text_config(sizes: dict, vocab: int | None = None) -> Qwen2Config:
-    return Qwen2Config(**{**sizes, **({"vocab_size": vocab} if vocab else {})}, max_position_embeddings=4096,
-                       tie_word_embeddings=False, use_sliding_window=False)
+    return Qwen2Config(
+        **{**sizes, **({"vocab_size": vocab} if vocab else {})},
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+    )
 
 
 def image_tokens(s: Shapes) -> int:
@@ -98,8 +131,11 @@ def image_tokens(s: Shapes) -> int:
 def vlm(s: Shapes, text: dict, device, dtype, seed: int) -> LlavaForConditionalGeneration:
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**s.vision, image_size=s.image_size, patch_size=s.patch),
-        text_config=text_config(text), image_token_id=s.student["vocab_size"] - 1,
-        image_seq_length=image_tokens(s), vision_feature_layer=-2, vision_feature_select_strategy="default",
+        text_config=text_config(text),
+        image_token_id=s.student["vocab_size"] - 1,
+        image_seq_length=image_tokens(s),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
     )
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the GPU itself: seconds, not minutes
@@ -109,8 +145,11 @@ def vlm(s: Shapes, text: dict, device, dtype, seed: int) -> LlavaForConditionalG
 def sample_ids(s: Shapes, gen: torch.Generator, prompt_ids: torch.Tensor | None = None) -> dict:
     """One sample: image tokens, prompt, response to s.length; labels on the response only."""
     image = torch.full((1, image_tokens(s)), s.student["vocab_size"] - 1)
-    prompt = prompt_ids if prompt_ids is not None else torch.randint(0, s.student["vocab_size"] - 2, (1, s.prompt),
-                                                                     generator=gen)
+    prompt = (
+        prompt_ids
+        if prompt_ids is not None
+        else torch.randint(0, s.student["vocab_size"] - 2, (1, s.prompt), generator=gen)
+    )
     response = torch.randint(0, s.student["vocab_size"] - 2, (1, s.length - image.shape[1] - s.prompt), generator=gen)
     ids = torch.cat([image, prompt, response], dim=1)
     labels = ids.clone()
@@ -194,38 +233,48 @@ def main(argv: list[str] | None = None) -> dict:
     cache_dir = tempfile.mkdtemp(prefix="modistill-gpu-cache-")
     write_cache(teacher, one, rows_v, s.top_k, cache_dir)
     store = store_reference(teacher, pair, tempfile.mkdtemp(prefix="modistill-gpu-ref-"), loss.chunk_size)
-    print(f"models on {device}: student {bl.parameter_count(student) / 1e9:.2f}B ({s_lm / 1e9:.2f}B active LM), "
-          f"teacher {bl.parameter_count(teacher) / 1e9:.2f}B; {bl.parameter_count(student.model.vision_tower) / 1e6:.0f}M"
-          f" vision tower; {time.perf_counter() - started:.0f} s so far")
+    print(
+        f"models on {device}: student {bl.parameter_count(student) / 1e9:.2f}B ({s_lm / 1e9:.2f}B active LM), "
+        f"teacher {bl.parameter_count(teacher) / 1e9:.2f}B; {bl.parameter_count(student.model.vision_tower) / 1e6:.0f}M"
+        f" vision tower; {time.perf_counter() - started:.0f} s so far"
+    )
 
-    def phase(stage: str):
-        set_trainable(student, MOE_TRAINABLE)  # stages 1b and 2 train the same groups
-        return steps.StepRunner(student, steps.distill_trainer(student, None, targs, kd_weight=0.0, ce_weight=1.0))
+    def phase(model):
+        set_trainable(model, MOE_TRAINABLE)  # stages 1b and 2 train the same groups
+        return steps.StepRunner(model, steps.distill_trainer(model, None, targs, kd_weight=0.0, ce_weight=1.0))
 
     def row(name: str, fn, n_tokens: int, model_flops: float) -> None:
         print(name)
         runs[name], tokens[name], flops[name] = measure(fn, repeats, device), n_tokens, model_flops
 
     # Live teacher / live reference first, while the teacher is on the device.
-    runner = phase("1b")
+    runner = phase(student)
     live = steps.distill_trainer(student, LiveTeacher(teacher, rows_v), targs, **vars_of(loss))
-    row("stage 1b, live teacher", runner.bind(live, one), n1,
-        6 * s_lm * n1 + image_fwd + 2 * t_lm * n1 + image_fwd)
+    row("stage 1b, live teacher", runner.bind(live, one), n1, 6 * s_lm * n1 + image_fwd + 2 * t_lm * n1 + image_fwd)
     del runner, live
     free(device)
-    runner = phase("2")
+    runner = phase(student)
     pref = PreferenceLoss()  # paired KTO, beta 0.1, balance 0.01
-    live_ref = PreferenceTrainer(model=student, args=targs, loss_config=pref, pad_id=0,
-                                 reference=LiveReference(teacher, pref.logps, 0, pref.chunk_size))
-    row("stage 2, live reference", runner.bind(live_ref, pair), n2,
-        6 * s_lm * n2 + 2 * image_fwd + 2 * t_lm * n2 + 2 * image_fwd)
+    live_ref = PreferenceTrainer(
+        model=student,
+        args=targs,
+        loss_config=pref,
+        pad_id=0,
+        reference=LiveReference(teacher, pref.logps, 0, pref.chunk_size),
+    )
+    row(
+        "stage 2, live reference",
+        runner.bind(live_ref, pair),
+        n2,
+        6 * s_lm * n2 + 2 * image_fwd + 2 * t_lm * n2 + 2 * image_fwd,
+    )
     del live_ref, teacher
     free(device)  # from here on the teacher is not resident: what the cache and the store save
     stored = PreferenceTrainer(model=student, args=targs, loss_config=pref, pad_id=0, reference=StoredReference(store))
     row("stage 2, precomputed reference", runner.bind(stored, pair), n2, 6 * s_lm * n2 + 2 * image_fwd)
     del runner, stored
     free(device)
-    runner = phase("1b")
+    runner = phase(student)
     cached = steps.distill_trainer(student, TeacherCache(cache_dir), targs, **vars_of(loss))
     row(f"stage 1b, cached top-{s.top_k} teacher", runner.bind(cached, one), n1, 6 * s_lm * n1 + image_fwd)
     del runner, cached, student
@@ -243,10 +292,15 @@ def main(argv: list[str] | None = None) -> dict:
     text_flops = 6 * ts_lm * n1 + 2 * tt_lm * n1
     row("text only: modistill stage 1b, live teacher", runner.bind(mod, text), n1, text_flops)
     # Built last: GKDTrainer's accelerator.prepare wraps the teacher's forward (fp32 outputs under amp).
-    gkd = steps.gkd_trainer(text_student, text_teacher, bf16=True, use_cpu=not cuda, per_device_train_batch_size=1,
-                            use_liger_kernel=liger)
-    row(f"text only: TRL GKDTrainer{' + Liger' if liger else ''} (lmbda 0, beta 0)",
-        runner.bind(gkd, steps.model_batch(text)), n1, text_flops)
+    gkd = steps.gkd_trainer(
+        text_student, text_teacher, bf16=True, use_cpu=not cuda, per_device_train_batch_size=1, use_liger_kernel=liger
+    )
+    row(
+        f"text only: TRL GKDTrainer{' + Liger' if liger else ''} (lmbda 0, beta 0)",
+        runner.bind(gkd, steps.model_batch(text)),
+        n1,
+        text_flops,
+    )
 
     return report(args, s, device, runs, flops, tokens, started, liger)
 
@@ -268,8 +322,9 @@ def report(args, s: Shapes, device, runs, flops, tokens, started, liger: bool) -
     for row_name, r in runs.items():
         achieved = flops[row_name] / r["median_s"]
         mfu = f"{100 * achieved / peak:.1f} %" if peak else "n/a"
-        rows.append([row_name, r["median_s"], tokens[row_name] / r["median_s"], r["peak_bytes"] / bl.GB,
-                     achieved / 1e12, mfu])
+        rows.append(
+            [row_name, r["median_s"], tokens[row_name] / r["median_s"], r["peak_bytes"] / bl.GB, achieved / 1e12, mfu]
+        )
     mem = "peak GB (GPU allocated)" if device.type == "cuda" else "peak GB (process RSS)"
     table = bl.markdown_table(["step", "s/step", "tokens/s", mem, "model TFLOP/s", "MFU"], rows)
     scale = "paper shapes" if s is PAPER else "--tiny (1/32 width, CPU smoke check: not a measurement)"
@@ -282,13 +337,20 @@ def report(args, s: Shapes, device, runs, flops, tokens, started, liger: bool) -
         "lower bound." + (f" Peak bf16 dense {peak / 1e12:.0f} TFLOP/s." if peak else ""),
         "Peak memory includes every resident model, gradients and AdamW state; the teacher is freed before the "
         "cached-teacher and precomputed-reference rows.",
-        f"TRL GKDTrainer {'with' if liger else 'without'} Liger (liger_kernel {'installed' if liger else 'not installed'}),"
+        f"TRL GKDTrainer {'with' if liger else 'without'} Liger (liger_kernel "
+        f"{'installed' if liger else 'not installed'}),"
         " on the text models (its compute_loss passes no image); the teacher there uses the student's vocabulary.",
     ]
     data = {"shapes": s.__dict__, "device": name, "runs": runs, "model_flops": flops, "tokens": tokens}
-    return bl.finish("gpu_paper_shapes" + ("_tiny" if args.quick else ""),
-                     "GPU - stage-1b and stage-2 steps at the paper's shapes (bf16, 2,048 tokens)",
-                     [table], notes, data, started, args)
+    return bl.finish(
+        "gpu_paper_shapes" + ("_tiny" if args.quick else ""),
+        "GPU - stage-1b and stage-2 steps at the paper's shapes (bf16, 2,048 tokens)",
+        [table],
+        notes,
+        data,
+        started,
+        args,
+    )
 
 
 if __name__ == "__main__":

@@ -39,11 +39,16 @@ def ask(path: Path) -> dict[str, str]:
         ("answer", [{"type": "text", "text": QUESTION}]),
         ("caption", [{"type": "image", "image": Image.open(GRACE_HOPPER)}, {"type": "text", "text": CAPTION_PROMPT}]),
     ):
-        batch = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=True, return_tensors="pt")
+        batch = processor.apply_chat_template(
+            [{"role": "user", "content": content}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=24, do_sample=False)
-        answers[key] = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        answers[key] = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return answers
 
 
@@ -74,23 +79,40 @@ def main() -> int:
     teacher = out / "teacher"
     if not teacher.exists():
         smol = gguf_to_checkpoint(gguf, out / "smollm2")
-        model, processor = build_vlm(ModelSpec(vision=VisionSpec(**VISION), text=TextSpec(pretrained=str(smol)),
-                                               seed=1))
+        model, processor = build_vlm(
+            ModelSpec(vision=VisionSpec(**VISION), text=TextSpec(pretrained=str(smol)), seed=1)
+        )
         model.save_pretrained(teacher)
         processor.save_pretrained(teacher)
-    common = [f"train.max_steps={args.steps}", f"train.per_device_train_batch_size={args.batch}", "train.bf16=false",
-              f"data.max_length={args.tokens}", "data.image_root=null", "train.logging_steps=1",
-              "train.warmup_steps=0", "train.disable_tqdm=true", f"teacher.path={teacher}", "teacher.dtype=float32"]
+    common = [
+        f"train.max_steps={args.steps}",
+        f"train.per_device_train_batch_size={args.batch}",
+        "train.bf16=false",
+        f"data.max_length={args.tokens}",
+        "data.image_root=null",
+        "train.logging_steps=1",
+        "train.warmup_steps=0",
+        "train.disable_tqdm=true",
+        f"teacher.path={teacher}",
+        "teacher.dtype=float32",
+    ]
     vision = ",".join(f"{k}: {v}" for k, v in VISION.items())
     stages = [
-        ("stage0", "stage0_align.yaml", [f"data.train=[{train}]", f"student.build.text.pretrained={gguf}",
-                                         f"student.build.vision={{{vision}}}"]),
+        (
+            "stage0",
+            "stage0_align.yaml",
+            [f"data.train=[{train}]", f"student.build.text.pretrained={gguf}", f"student.build.vision={{{vision}}}"],
+        ),
         ("stage1a", "stage1a_dense.yaml", [f"data.train=[{train}]", "train.learning_rate=1e-4"]),
         ("stage1b", "stage1b_sparse.yaml", [f"data.train=[{train}]", "student.upcycle.num_experts=4"]),
-        ("stage2", "stage2_preference.yaml", [f"data.train=[{prefs}]", "train.learning_rate=1e-4",
-                                              "train.gradient_accumulation_steps=1"]),
+        (
+            "stage2",
+            "stage2_preference.yaml",
+            [f"data.train=[{prefs}]", "train.learning_rate=1e-4", "train.gradient_accumulation_steps=1"],
+        ),
     ]
     report: dict[str, dict] = {"smollm2 (dequantised GGUF) as stage-0 student before training": {}}
+    prev = "stage0"
     for name, config, overrides in stages:
         stage_out = out / name
         student = [] if name == "stage0" else [f"student.path={out / prev}"]
@@ -103,8 +125,13 @@ def main() -> int:
         print(name, json.dumps(report[name]), flush=True)
         prev = name
     del report["smollm2 (dequantised GGUF) as stage-0 student before training"]
-    report["settings"] = {"steps": args.steps, "max_length": args.tokens, "batch": args.batch,
-                          "torch_threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - started)}
+    report["settings"] = {
+        "steps": args.steps,
+        "max_length": args.tokens,
+        "batch": args.batch,
+        "torch_threads": torch.get_num_threads(),
+        "wall_s": round(time.perf_counter() - started),
+    }
     (out / "real_chain.json").write_text(json.dumps(report, indent=2))
     return 0
 

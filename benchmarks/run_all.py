@@ -71,10 +71,12 @@ def run_one(name: str, quick: bool, env: dict) -> tuple[int, float]:
 
 
 def machine_line(machine: dict) -> str:
-    return (f"{machine['cpu']}, {machine['logical_cores']} logical cores ({machine['torch_threads']} torch threads), "
-            f"{machine['memory_gb']} GiB RAM; Python {machine['python']}, torch {machine['torch']}, transformers "
-            f"{machine['transformers']}, accelerate {machine['accelerate']}, trl {machine['trl']}; transparent huge "
-            f"pages: {machine['transparent_hugepages']}, THP_MEM_ALLOC_ENABLE={machine['THP_MEM_ALLOC_ENABLE']}")
+    return (
+        f"{machine['cpu']}, {machine['logical_cores']} logical cores ({machine['torch_threads']} torch threads), "
+        f"{machine['memory_gb']} GiB RAM; Python {machine['python']}, torch {machine['torch']}, transformers "
+        f"{machine['transformers']}, accelerate {machine['accelerate']}, trl {machine['trl']}; transparent huge "
+        f"pages: {machine['transparent_hugepages']}, THP_MEM_ALLOC_ENABLE={machine['THP_MEM_ALLOC_ENABLE']}"
+    )
 
 
 def write_report(path: Path, results_dir: Path, names: list[str], status: dict, total_s: float, command: str) -> None:
@@ -87,8 +89,11 @@ def write_report(path: Path, results_dir: Path, names: list[str], status: dict, 
     lines = ["# modistill benchmarks", ""]
     if machine:
         lines += [f"Machine: {machine_line(machine)}.", f"Date: {machine['date']}.", ""]
-    lines += [f"Command: `{command}`; total wall time {total_s / 60:.1f} min "
-              f"({', '.join(f'{n.split(chr(95))[0]} {status[n][1]:.0f} s' for n in names)}).", ""]
+    lines += [
+        f"Command: `{command}`; total wall time {total_s / 60:.1f} min "
+        f"({', '.join(f'{n.split(chr(95))[0]} {status[n][1]:.0f} s' for n in names)}).",
+        "",
+    ]
     for name in names:
         rc, seconds = status[name]
         if name not in results:

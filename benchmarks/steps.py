@@ -21,8 +21,17 @@ _TMP = tempfile.mkdtemp(prefix="modistill-bench-")
 
 
 def training_args(**overrides) -> TrainingArguments:
-    kwargs = dict(output_dir=_TMP, report_to=[], use_cpu=True, learning_rate=1e-5, max_grad_norm=1.0,
-                  disable_tqdm=True, save_strategy="no", logging_strategy="no", per_device_train_batch_size=4)
+    kwargs = dict(
+        output_dir=_TMP,
+        report_to=[],
+        use_cpu=True,
+        learning_rate=1e-5,
+        max_grad_norm=1.0,
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_strategy="no",
+        per_device_train_batch_size=4,
+    )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
@@ -49,7 +58,6 @@ def distill_trainer(student, teacher_source, args: TrainingArguments | None = No
     return MimicTrainer(model=student, args=args, loss_config=KDLoss(**loss), teacher=teacher_source)
 
 
-
 def gkd_trainer(student, teacher, **overrides):
     """TRL 1.16 GKDTrainer, lmbda=0 (no on-policy generation), beta=0 (forward KL), no Liger, no checkpointing.
 
@@ -60,14 +68,27 @@ def gkd_trainer(student, teacher, **overrides):
 
     from modistill.models.tiny import tiny_tokenizer
 
-    kwargs = dict(output_dir=_TMP, lmbda=0.0, beta=0.0, bf16=False, use_cpu=True, report_to=[],
-                  activation_checkpointing=False, learning_rate=1e-5, max_grad_norm=1.0, disable_tqdm=True,
-                  save_strategy="no", logging_strategy="no", per_device_train_batch_size=4)
+    kwargs = dict(
+        output_dir=_TMP,
+        lmbda=0.0,
+        beta=0.0,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        activation_checkpointing=False,
+        learning_rate=1e-5,
+        max_grad_norm=1.0,
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_strategy="no",
+        per_device_train_batch_size=4,
+    )
     config = GKDConfig(**{**kwargs, **overrides})
     # GKDTrainer needs a dataset and a tokenizer to be built; compute_loss uses neither.
     dummy = Dataset.from_list([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
-    return GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dummy,
-                      processing_class=tiny_tokenizer())
+    return GKDTrainer(
+        model=student, teacher_model=teacher, args=config, train_dataset=dummy, processing_class=tiny_tokenizer()
+    )
 
 
 def num_items(batch: dict) -> torch.Tensor:
@@ -119,8 +140,9 @@ def plain_kd_step(runner: StepRunner, teacher, batch: dict) -> Callable[[], floa
         student.train()
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     use_cache=False).logits
+            teacher_logits = teacher(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits
         mask = batch["labels"][:, 1:] != -100
         student_logp = F.log_softmax(logits[:, :-1][mask].float(), -1)
         teacher_logp = F.log_softmax(teacher_logits[:, :-1][mask].float(), -1)

@@ -49,10 +49,16 @@ def vlm_spec(world, text_hidden: int, patch: int = 16, vision=None, seed: int = 
     from modistill.models.spec import ModelSpec, TextSpec, VisionSpec
 
     return ModelSpec(
-        vision=vision or VisionSpec(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                                    image_size=48, patch_size=patch),
-        text=TextSpec(type=text_type, hidden_size=text_hidden, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=2 * text_hidden),
+        vision=vision
+        or VisionSpec(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, image_size=48, patch_size=patch),
+        text=TextSpec(
+            type=text_type,
+            hidden_size=text_hidden,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=2 * text_hidden,
+        ),
         tokenizer=str(world / "tokenizer"),
         seed=seed,
     )

@@ -20,6 +20,4 @@ def vlm_batch(processor, prompt: str = "describe the image.", n: int = 1, size: 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """Run `modistill ARGS` in a fresh interpreter (exit code, stdout, stderr as a user sees them)."""
-    return subprocess.run(
-        [sys.executable, "-m", "modistill.cli", *args], capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", "modistill.cli", *args], capture_output=True, text=True, timeout=300)

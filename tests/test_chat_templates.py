@@ -33,8 +33,10 @@ def base_template(name: str) -> str:
 def tokenizer_with(tok_dir, name: str):
     tok = AutoTokenizer.from_pretrained(tok_dir)
     if name.startswith("llama3"):
-        tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "extra_special_tokens": LLAMA3_SPECIALS[1:]},
-                               replace_extra_special_tokens=False)
+        tok.add_special_tokens(
+            {"bos_token": "<|begin_of_text|>", "extra_special_tokens": LLAMA3_SPECIALS[1:]},
+            replace_extra_special_tokens=False,
+        )
         tok.add_bos_token = True
     tok.chat_template = base_template(name)
     return tok
@@ -83,8 +85,10 @@ def test_multi_turn_system_and_parts_render_as_the_base_template(name, tok_dir):
         {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nHow many?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "Two."}]},
-        {"role": "user", "content": [{"type": "text", "text": "And "}, {"type": "image"},
-                                     {"type": "text", "text": " here?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "And "}, {"type": "image"}, {"type": "text", "text": " here?"}],
+        },
     ]
     expected = base.apply_chat_template(strings, tokenize=False, add_generation_prompt=True)
     assert processor.apply_chat_template(parts, tokenize=False, add_generation_prompt=True) == expected
@@ -95,8 +99,13 @@ def test_training_eval_and_user_prompts_are_token_identical(name, tok_dir):
     processor = processor_with(tok_dir, name)
     image = Image.new("RGB", (40, 30), (200, 10, 10))
     # 1. Training: the prompt tokens are those before the first supervised (answer) token.
-    sample = {"messages": [{"role": "user", "content": "<image>" + QUESTION},
-                           {"role": "assistant", "content": "A red square."}], "images": ["unused.png"]}
+    sample = {
+        "messages": [
+            {"role": "user", "content": "<image>" + QUESTION},
+            {"role": "assistant", "content": "A red square."},
+        ],
+        "images": ["unused.png"],
+    }
     rendered = Renderer(processor).render_conversation(sample)
     first_answer = next(i for i, label in enumerate(rendered.labels) if label != IGNORE_INDEX)
     training = rendered.input_ids[:first_answer]
@@ -105,7 +114,10 @@ def test_training_eval_and_user_prompts_are_token_identical(name, tok_dir):
     # 3. A user (lmms-eval llava_hf, VLMEvalKit, llava-hf scripts): apply_chat_template with the image in it.
     user = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}],
-        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
     )
     assert evaluation["input_ids"][0].tolist() == training
     assert user["input_ids"][0].tolist() == training
@@ -124,8 +136,10 @@ def test_wrapping_is_idempotent_keeps_other_keys_and_leading_whitespace(tok_dir)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     # An assistant turn with tool calls and no content keeps its tool_calls through the flattening.
     call = {"function": {"name": "count", "arguments": {"shape": "circle"}}}
-    messages = [{"role": "user", "content": [{"type": "text", "text": "Count."}]},
-                {"role": "assistant", "content": "", "tool_calls": [call]}]
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Count."}]},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+    ]
     strings = [{"role": "user", "content": "Count."}, messages[1]]
     text = tok.apply_chat_template(messages, chat_template=once, tokenize=False)
     assert text == tok.apply_chat_template(strings, chat_template=qwen25, tokenize=False) and '"count"' in text

@@ -109,8 +109,10 @@ def test_stage_config_requires_a_teacher_for_kd(tmp_path):
     path.write_text("stage: mimic_sparse\noutput_dir: o\nstudent: {path: s}\ndata: {train: [d.json]}\n")
     with pytest.raises(UserError, match="give `teacher`"):
         load_stage_config(path)
-    path.write_text("stage: mimic_dense\noutput_dir: o\nstudent: {path: s, build: {tokenizer: t}}\ndata: {train: [d.json]}\n"
-                    "teacher: {path: t}\n")
+    path.write_text(
+        "stage: mimic_dense\noutput_dir: o\nstudent: {path: s, build: {tokenizer: t}}\ndata: {train: [d.json]}\n"
+        "teacher: {path: t}\n"
+    )
     with pytest.raises(UserError, match="exactly one of"):
         load_stage_config(path)
 
@@ -118,14 +120,18 @@ def test_stage_config_requires_a_teacher_for_kd(tmp_path):
 def test_stage_keys_are_checked_against_that_stage(tmp_path):
     path = tmp_path / "s.yaml"
     # balance_coef belongs to stage 1b's loss, not 1a's; an unknown stage is named with the valid ones.
-    path.write_text("stage: mimic_dense\noutput_dir: o\nstudent: {path: s}\nteacher: {path: t}\n"
-                    "data: {train: [d.json]}\nloss: {balance_coef: 0.01}\n")
+    path.write_text(
+        "stage: mimic_dense\noutput_dir: o\nstudent: {path: s}\nteacher: {path: t}\n"
+        "data: {train: [d.json]}\nloss: {balance_coef: 0.01}\n"
+    )
     with pytest.raises(UserError, match="unknown key loss.'balance_coef'"):
         load_stage_config(path)
     path.write_text("stage: mimic\noutput_dir: o\nstudent: {path: s}\ndata: {train: [d.json]}\n")
     with pytest.raises(UserError, match="must be one of align, sft, mimic_dense"):
         load_stage_config(path)
-    path.write_text("stage: mimic_dense\noutput_dir: o\nstudent: {path: s}\nteacher: {path: t}\n"
-                    "data: {train: [d.json]}\nloss: {kd_weight: 0}\n")
+    path.write_text(
+        "stage: mimic_dense\noutput_dir: o\nstudent: {path: s}\nteacher: {path: t}\n"
+        "data: {train: [d.json]}\nloss: {kd_weight: 0}\n"
+    )
     with pytest.raises(UserError, match="kd_weight must be > 0"):
         load_stage_config(path)

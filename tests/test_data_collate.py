@@ -44,32 +44,59 @@ def data_dir(tmp_path_factory):
     red_image().save(root / "red.png")
     red_image(50).save(root / "big.png")
     rows = [
-        {"id": "text", "conversations": [{"from": "human", "value": "is there a circle?"},
-                                         {"from": "gpt", "value": "yes."}]},
-        {"id": "one", "image": "red.png", "conversations": [
-            {"from": "human", "value": "<image>\nwhat colour?"}, {"from": "gpt", "value": "red."},
-            {"from": "human", "value": "how many?"}, {"from": "gpt", "value": "one."}]},
-        {"id": "two", "image": ["big.png", "red.png"], "conversations": [
-            {"from": "human", "value": "<image> and <image>: same colour?"}, {"from": "gpt", "value": "yes, red."}]},
+        {
+            "id": "text",
+            "conversations": [{"from": "human", "value": "is there a circle?"}, {"from": "gpt", "value": "yes."}],
+        },
+        {
+            "id": "one",
+            "image": "red.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat colour?"},
+                {"from": "gpt", "value": "red."},
+                {"from": "human", "value": "how many?"},
+                {"from": "gpt", "value": "one."},
+            ],
+        },
+        {
+            "id": "two",
+            "image": ["big.png", "red.png"],
+            "conversations": [
+                {"from": "human", "value": "<image> and <image>: same colour?"},
+                {"from": "gpt", "value": "yes, red."},
+            ],
+        },
     ]
     (root / "c.json").write_text(json.dumps(rows, indent=1))
-    pairs = [{"id": "p1", "image": "red.png", "question": "describe the image.", "chosen": "a red square.",
-              "rejected": "a blue circle on the left."},
-             {"id": "p2", "question": "is there a green triangle?", "chosen": "no.", "rejected": "yes."}]
+    pairs = [
+        {
+            "id": "p1",
+            "image": "red.png",
+            "question": "describe the image.",
+            "chosen": "a red square.",
+            "rejected": "a blue circle on the left.",
+        },
+        {"id": "p2", "question": "is there a green triangle?", "chosen": "no.", "rejected": "yes."},
+    ]
     (root / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return root
 
 
 def conversations(data_dir, proc, teacher=None):
-    return load_conversations(data_dir / "c.json", processor=proc, max_length=128, teacher_processor=teacher,
-                              cache_dir=data_dir / "cache")
+    return load_conversations(
+        data_dir / "c.json", processor=proc, max_length=128, teacher_processor=teacher, cache_dir=data_dir / "cache"
+    )
 
 
 def forward(model, batch, prefix=""):
     with torch.no_grad():
         kw = {"pixel_values": batch[prefix + "pixel_values"]} if prefix + "pixel_values" in batch else {}
-        return model(input_ids=batch[prefix + "input_ids"], attention_mask=batch[prefix + "attention_mask"],
-                     labels=batch[prefix + "labels"], **kw)
+        return model(
+            input_ids=batch[prefix + "input_ids"],
+            attention_mask=batch[prefix + "attention_mask"],
+            labels=batch[prefix + "labels"],
+            **kw,
+        )
 
 
 @pytest.mark.parametrize("tower", ["siglip", "clip"])
@@ -157,13 +184,23 @@ def test_same_rendering(siglip, clip, tok_dir):
 def test_preference_batch(siglip, clip16, data_dir):
     model, proc = siglip
     teacher_model, teacher_proc = clip16
-    data = load_preferences(data_dir / "p.jsonl", processor=proc, max_length=128, teacher_processor=teacher_proc,
-                            cache_dir=data_dir / "cache")
+    data = load_preferences(
+        data_dir / "p.jsonl",
+        processor=proc,
+        max_length=128,
+        teacher_processor=teacher_proc,
+        cache_dir=data_dir / "cache",
+    )
     rows = [data.dataset[0], data.dataset[1]]
     batch = data.collator()(rows)
     sides = [f"{s}_{k}" for s in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "labels")]
-    assert set(batch) == {*sides, "pixel_values", "sample_ids", *("teacher_" + k for k in sides),
-                          "teacher_pixel_values"}
+    assert set(batch) == {
+        *sides,
+        "pixel_values",
+        "sample_ids",
+        *("teacher_" + k for k in sides),
+        "teacher_pixel_values",
+    }
     assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape
     assert batch["pixel_values"].shape[0] == 1 and batch["teacher_pixel_values"].shape[0] == 1  # once per pair
     tok = proc.tokenizer
@@ -177,8 +214,7 @@ def test_preference_batch(siglip, clip16, data_dir):
     both = {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in keys}
     both["pixel_values"] = torch.cat([batch["pixel_values"]] * 2)
     assert torch.isfinite(forward(model, both).loss)
-    teacher_both = {k: torch.cat([batch[f"teacher_chosen_{k}"], batch[f"teacher_rejected_{k}"]])
-                    for k in keys}
+    teacher_both = {k: torch.cat([batch[f"teacher_chosen_{k}"], batch[f"teacher_rejected_{k}"]]) for k in keys}
     teacher_both["pixel_values"] = torch.cat([batch["teacher_pixel_values"]] * 2)
     assert torch.isfinite(forward(teacher_model, teacher_both).loss)
     # Without a (differing) teacher: no teacher keys.

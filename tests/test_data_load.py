@@ -69,19 +69,39 @@ BAD_CASES = {
     "undecodable_image": (conv("x", image="broken.png"), BAD_IMAGE, "broken.png cannot be decoded"),
     "no_assistant": ({"id": "x", "conversations": [{"from": "human", "value": "hi"}]}, NO_ASSISTANT, "no gpt"),
     "ends_with_question": (
-        {"id": "x", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yes."},
-                                      {"from": "human", "value": "and?"}]},
-        NO_ASSISTANT, "does not end with an assistant answer"),
+        {
+            "id": "x",
+            "conversations": [
+                {"from": "human", "value": "hi"},
+                {"from": "gpt", "value": "yes."},
+                {"from": "human", "value": "and?"},
+            ],
+        },
+        NO_ASSISTANT,
+        "does not end with an assistant answer",
+    ),
     "more_tags": (conv("x", question="<image> and <image>?"), IMAGE_TAG_MISMATCH, "2 <image> tag(s) for 1 image(s)"),
     "fewer_tags": (conv("x", question="what colour?"), IMAGE_TAG_MISMATCH, "0 <image> tag(s) for 1 image(s)"),
-    "unknown_role": ({"id": "x", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "a"}]},
-                     MALFORMED_SAMPLE, "unknown role 'robot'"),
+    "unknown_role": (
+        {"id": "x", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "a"}]},
+        MALFORMED_SAMPLE,
+        "unknown role 'robot'",
+    ),
     "all_masked": (conv("x", question="<image>\n" + "describe the image. " * 60), ALL_MASKED, "max_length 256"),
     "image_truncated": (
-        {"id": "x", "image": "red.png", "conversations": [
-            {"from": "human", "value": "describe the image. " * 60}, {"from": "gpt", "value": "no."},
-            {"from": "human", "value": "<image> now?"}, {"from": "gpt", "value": "red."}]},
-        IMAGE_TRUNCATED, "> max_length 256"),
+        {
+            "id": "x",
+            "image": "red.png",
+            "conversations": [
+                {"from": "human", "value": "describe the image. " * 60},
+                {"from": "gpt", "value": "no."},
+                {"from": "human", "value": "<image> now?"},
+                {"from": "gpt", "value": "red."},
+            ],
+        },
+        IMAGE_TRUNCATED,
+        "> max_length 256",
+    ),
 }
 
 
@@ -98,8 +118,14 @@ def test_bad_sample_stops_with_file_line_sample_reason(case, root, proc):
 
 
 def test_skip_mode_counts_reasons_and_writes_the_skip_report(root, proc, capsys):
-    rows = [conv("ok-1"), conv("m", image="nowhere.png"), '{"broken', conv("t", question="no tag"),
-            conv("ok-2", image=None, question="text only?"), conv("u", image="broken.png")]
+    rows = [
+        conv("ok-1"),
+        conv("m", image="nowhere.png"),
+        '{"broken',
+        conv("t", question="no tag"),
+        conv("ok-2", image=None, question="text only?"),
+        conv("u", image="broken.png"),
+    ]
     path = write_jsonl(root / "c.jsonl", rows)
     data = load(path, proc, root, on_bad_sample="skip", report_dir=root / "report")
     assert len(data) == 2 and data.dataset["id"] == ["ok-1", "ok-2"]
@@ -108,7 +134,11 @@ def test_skip_mode_counts_reasons_and_writes_the_skip_report(root, proc, capsys)
     assert "skipped 4 of 6 samples (2 missing or undecodable image" in out and "skipped.jsonl" in out
     report = [json.loads(line) for line in (root / "report" / "skipped.jsonl").read_text().splitlines()]
     assert [(r["id"], r["line"], r["reason"]) for r in report] == [
-        ("m", 2, BAD_IMAGE), ("c.jsonl#2", 3, MALFORMED_JSON), ("t", 4, IMAGE_TAG_MISMATCH), ("u", 6, BAD_IMAGE)]
+        ("m", 2, BAD_IMAGE),
+        ("c.jsonl#2", 3, MALFORMED_JSON),
+        ("t", 4, IMAGE_TAG_MISMATCH),
+        ("u", 6, BAD_IMAGE),
+    ]
     assert all(r["file"] == str(path) for r in report) and "nowhere.png" in report[0]["detail"]
 
 
@@ -156,7 +186,12 @@ def test_json_list_records_carry_their_start_line(root, chunk, monkeypatch):
     path.write_text(JSON_LIST)
     recs = list(iter_records(path))
     assert [(r.line, r.sample_id()) for r in recs] == [
-        (2, "first"), (6, "second"), (8, "bad"), (9, "c.json#3"), (10, "last")]
+        (2, "first"),
+        (6, "second"),
+        (8, "bad"),
+        (9, "c.json#3"),
+        (10, "last"),
+    ]
     assert recs[3].data == 7 and recs[4].data["conversations"][1]["value"] == "yes."
 
 
@@ -167,7 +202,9 @@ def test_json_list_problem_reports_the_line(root, proc):
         load(path, proc, root)
     data = load(path, proc, root, on_bad_sample="skip", verbose=False)
     assert [(p.line, p.sample_id, p.reason) for p in data.problems] == [
-        (8, "bad", BAD_IMAGE), (9, "c.json#3", MALFORMED_SAMPLE)]
+        (8, "bad", BAD_IMAGE),
+        (9, "c.json#3", MALFORMED_SAMPLE),
+    ]
 
 
 def test_jsonl_lines_count_blank_lines(root, proc):
@@ -217,9 +254,20 @@ def test_cached_load_replays_its_validation(root, proc, capsys):
 
 
 def test_rows_are_normalised_messages(root, proc):
-    path = write_jsonl(root / "c.jsonl", [{"id": 7, "image": ["red.png", "big.png"], "conversations": [
-        {"from": "system", "value": "be brief."}, {"role": "user", "content": "<image><image> same?"},
-        {"role": "assistant", "content": "no."}]}])
+    path = write_jsonl(
+        root / "c.jsonl",
+        [
+            {
+                "id": 7,
+                "image": ["red.png", "big.png"],
+                "conversations": [
+                    {"from": "system", "value": "be brief."},
+                    {"role": "user", "content": "<image><image> same?"},
+                    {"role": "assistant", "content": "no."},
+                ],
+            }
+        ],
+    )
     row = load(path, proc, root).dataset[0]
     assert row["id"] == "7"
     assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
@@ -234,9 +282,13 @@ def load_prefs(path, proc, tmp_path, **kw):
 
 
 def test_rlaif_v_pairs_get_the_image_tag_first(root, proc):
-    path = write_jsonl(root / "p.jsonl", [
-        {"id": "p1", "image": "red.png", "question": "what colour is it?", "chosen": "red.", "rejected": "blue."},
-        {"idx": 5, "question": "text only?", "chosen": "yes.", "rejected": "no."}])
+    path = write_jsonl(
+        root / "p.jsonl",
+        [
+            {"id": "p1", "image": "red.png", "question": "what colour is it?", "chosen": "red.", "rejected": "blue."},
+            {"idx": 5, "question": "text only?", "chosen": "yes.", "rejected": "no."},
+        ],
+    )
     data = load_prefs(path, proc, root)
     row = data.dataset[0]
     assert row["prompt"] == [{"role": "user", "content": "<image>\nwhat colour is it?"}]
@@ -249,11 +301,22 @@ def test_rlaif_v_pairs_get_the_image_tag_first(root, proc):
 
 
 def test_conversation_form_pairs_share_their_prompt(root, proc):
-    turns = [{"from": "human", "value": "<image> colour?"}, {"from": "gpt", "value": "red."},
-             {"from": "human", "value": "shape?"}]
-    path = write_jsonl(root / "p.jsonl", [{"id": "c", "image": "red.png",
-                                           "chosen": turns + [{"from": "gpt", "value": "a square."}],
-                                           "rejected": turns + [{"from": "gpt", "value": "a circle."}]}])
+    turns = [
+        {"from": "human", "value": "<image> colour?"},
+        {"from": "gpt", "value": "red."},
+        {"from": "human", "value": "shape?"},
+    ]
+    path = write_jsonl(
+        root / "p.jsonl",
+        [
+            {
+                "id": "c",
+                "image": "red.png",
+                "chosen": turns + [{"from": "gpt", "value": "a square."}],
+                "rejected": turns + [{"from": "gpt", "value": "a circle."}],
+            }
+        ],
+    )
     row = load_prefs(path, proc, root).dataset[0]
     assert len(row["prompt"]) == 3 and row["chosen"] == [{"role": "assistant", "content": "a square."}]
     chosen, _ = Renderer_of(proc).render_preference(row)
@@ -268,12 +331,17 @@ def Renderer_of(proc):
 
 def test_bad_pairs(root, proc):
     long_q = "describe the image. " * 60
-    rows = [{"id": "ok", "image": "red.png", "question": "q?", "chosen": "a.", "rejected": "b."},
-            {"id": "nochosen", "question": "q?", "rejected": "b."},
-            {"id": "noq", "chosen": "a.", "rejected": "b."},
-            {"id": "img-cut", "image": "red.png", "question": long_q + "<image>", "chosen": "a.", "rejected": "b."},
-            {"id": "same", "chosen": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
-             "rejected": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]
+    rows = [
+        {"id": "ok", "image": "red.png", "question": "q?", "chosen": "a.", "rejected": "b."},
+        {"id": "nochosen", "question": "q?", "rejected": "b."},
+        {"id": "noq", "chosen": "a.", "rejected": "b."},
+        {"id": "img-cut", "image": "red.png", "question": long_q + "<image>", "chosen": "a.", "rejected": "b."},
+        {
+            "id": "same",
+            "chosen": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+            "rejected": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+        },
+    ]
     path = write_jsonl(root / "p.jsonl", rows)
     data = load_prefs(path, proc, root, on_bad_sample="skip", verbose=False)
     assert data.dataset["id"] == ["ok"]
@@ -285,8 +353,15 @@ def test_bad_pairs(root, proc):
 
 
 def test_pair_whose_rejected_answer_is_cut_keeps_its_labels(root, proc):
-    rows = [{"id": "r", "image": "red.png", "question": "what?", "chosen": "red.",
-             "rejected": "a red circle and a blue square on the left " * 10}]
+    rows = [
+        {
+            "id": "r",
+            "image": "red.png",
+            "question": "what?",
+            "chosen": "red.",
+            "rejected": "a red circle and a blue square on the left " * 10,
+        }
+    ]
     data = load_prefs(write_jsonl(root / "p.jsonl", rows), proc, root, max_length=40)
     chosen, rejected = data.renderer.render_preference(data.dataset[0])
     assert rejected.truncated and len(rejected.input_ids) == 40 and not chosen.truncated
@@ -304,7 +379,9 @@ def test_byte_order_mark_is_accepted(root):
 def test_skip_report_is_rewritten_when_nothing_is_skipped(root, proc):
     (root / "report").mkdir()
     (root / "report" / "skipped.jsonl").write_text('{"id": "old"}\n')
-    data = load(write_jsonl(root / "c.jsonl", [conv("a")]), proc, root, on_bad_sample="skip", report_dir=root / "report")
+    data = load(
+        write_jsonl(root / "c.jsonl", [conv("a")]), proc, root, on_bad_sample="skip", report_dir=root / "report"
+    )
     assert data.problems == [] and (root / "report" / "skipped.jsonl").read_text() == ""
 
 

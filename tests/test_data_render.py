@@ -72,8 +72,14 @@ def test_single_turn_with_image_supervises_answer_and_end_of_turn(siglip_proc):
 
 def test_multi_turn_text_only_supervises_every_answer(siglip_proc):
     r = Renderer(siglip_proc)
-    msgs = [user("is there a circle?"), bot("yes."), user("how many objects are there?"), bot("2"),
-            user("what colour?"), bot("blue")]
+    msgs = [
+        user("is there a circle?"),
+        bot("yes."),
+        user("how many objects are there?"),
+        bot("2"),
+        user("what colour?"),
+        bot("blue"),
+    ]
     s = r.render_messages(msgs, [])
     assert decoded_runs(siglip_proc.tokenizer, s) == ["yes.<|im_end|>", "2<|im_end|>", "blue<|im_end|>"]
     assert s.num_image_tokens == 0 and siglip_proc.image_token_id not in s.input_ids
@@ -81,9 +87,17 @@ def test_multi_turn_text_only_supervises_every_answer(siglip_proc):
 
 def test_system_turn_and_preference_supervise_only_the_continuation(siglip_proc):
     r = Renderer(siglip_proc)
-    pair = {"prompt": [{"role": "system", "content": "be brief."}, user("<image>describe."), bot("a square."),
-                       user("and?")],
-            "chosen": [bot("a red one.")], "rejected": [bot("a green circle.")], "images": ["x.png"]}
+    pair = {
+        "prompt": [
+            {"role": "system", "content": "be brief."},
+            user("<image>describe."),
+            bot("a square."),
+            user("and?"),
+        ],
+        "chosen": [bot("a red one.")],
+        "rejected": [bot("a green circle.")],
+        "images": ["x.png"],
+    }
     chosen, rejected = r.render_preference(pair)
     assert decoded_runs(siglip_proc.tokenizer, chosen) == ["a red one.<|im_end|>"]
     assert decoded_runs(siglip_proc.tokenizer, rejected) == ["a green circle.<|im_end|>"]
@@ -100,8 +114,13 @@ def test_rendering_equals_llava_processor_expansion(which, siglip_proc, clip_pro
     elif which == "clip":
         proc = clip_proc
     elif which == "clip_full":  # keep CLS: one more token per image
-        proc = LlavaProcessor(image_processor=clip_proc.image_processor, tokenizer=clip_proc.tokenizer, patch_size=16,
-                              vision_feature_select_strategy="full", num_additional_image_tokens=1)
+        proc = LlavaProcessor(
+            image_processor=clip_proc.image_processor,
+            tokenizer=clip_proc.tokenizer,
+            patch_size=16,
+            vision_feature_select_strategy="full",
+            num_additional_image_tokens=1,
+        )
     else:
         proc = build_processor(AutoTokenizer.from_pretrained(tok_dir), build_image_processor("siglip", 32), "siglip", 8)
     msgs = [user("<image>\nwhat colour?"), bot("red."), user("and this one <image>?"), bot("red too.")]

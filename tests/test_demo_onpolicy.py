@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
+
+import pytest
 
 from modistill.data.preferences import load_preferences
 from modistill.demo.onpolicy import build_onpolicy_pairs, read_train_scenes
-from modistill.scenes.oracle import score_caption
 from modistill.models.load import load_model
+from modistill.scenes.oracle import score_caption
 
 
 @pytest.mark.slow
 def test_pairs_are_oracle_labelled_and_load_as_preference_data(tmp_path, scenes_world, teacher_dir):
     loaded = load_model(teacher_dir)  # a random model: its samples are garbage, so fallbacks are exercised
     out = tmp_path / "prefs.json"
-    stats = build_onpolicy_pairs(loaded, scenes_world, out, n_images=6, samples=2, seed=1, batch_size=4,
-                                 max_new_tokens=12, progress=False)
+    stats = build_onpolicy_pairs(
+        loaded, scenes_world, out, n_images=6, samples=2, seed=1, batch_size=4, max_new_tokens=12, progress=False
+    )
     pairs = json.loads(out.read_text())
     assert stats["images"] == 6 and stats["pairs"] == len(pairs) >= 6
     assert stats["sampled_hallucination_rate"] > 0.5  # random model: mostly unparseable/hallucinated
@@ -28,10 +29,25 @@ def test_pairs_are_oracle_labelled_and_load_as_preference_data(tmp_path, scenes_
         chosen, rejected = score_caption(pair["chosen"], scene), score_caption(pair["rejected"], scene)
         assert chosen.faithful and chosen.parseable  # the oracle's verdicts, checked independently here
         assert rejected.hallucinated or not rejected.parseable
-    data = load_preferences([out], image_root=scenes_world, processor=loaded.processor, max_length=160,
-                            cache_dir=tmp_path / "dc", verbose=False)
+    data = load_preferences(
+        [out],
+        image_root=scenes_world,
+        processor=loaded.processor,
+        max_length=160,
+        cache_dir=tmp_path / "dc",
+        verbose=False,
+    )
     assert len(data) == len(pairs)
     # Same seed, same pairs.
-    build_onpolicy_pairs(loaded, scenes_world, tmp_path / "again.json", n_images=6, samples=2, seed=1, batch_size=4,
-                         max_new_tokens=12, progress=False)
+    build_onpolicy_pairs(
+        loaded,
+        scenes_world,
+        tmp_path / "again.json",
+        n_images=6,
+        samples=2,
+        seed=1,
+        batch_size=4,
+        max_new_tokens=12,
+        progress=False,
+    )
     assert json.loads((tmp_path / "again.json").read_text()) == pairs

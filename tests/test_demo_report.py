@@ -12,14 +12,30 @@ from modistill.demo.report import beyond_noise, findings, summary_row, write_rep
 
 
 def _results(vqa, f1, greedy, sampled, coverage=0.8, n=None):
-    return {"metrics": {
-        "vqa": {"accuracy": vqa, "n": n, "per_type": {"exists": {"accuracy": vqa}}},
-        "pope": {"overall": {"accuracy": f1, "f1": f1, "yes_ratio": 0.5}, "splits": {"adversarial": {"f1": f1 - 0.1}}},
-        "captions": {"greedy": {"response_hallucination": greedy, "mention_hallucination": greedy / 2,
-                                "coverage": coverage, "unparseable": 0.0, "n": n},
-                     "sampled": {"response_hallucination": sampled, "mention_hallucination": sampled / 2,
-                                 "n": n and 3 * n, "samples_per_image": 3}},
-    }}
+    return {
+        "metrics": {
+            "vqa": {"accuracy": vqa, "n": n, "per_type": {"exists": {"accuracy": vqa}}},
+            "pope": {
+                "overall": {"accuracy": f1, "f1": f1, "yes_ratio": 0.5},
+                "splits": {"adversarial": {"f1": f1 - 0.1}},
+            },
+            "captions": {
+                "greedy": {
+                    "response_hallucination": greedy,
+                    "mention_hallucination": greedy / 2,
+                    "coverage": coverage,
+                    "unparseable": 0.0,
+                    "n": n,
+                },
+                "sampled": {
+                    "response_hallucination": sampled,
+                    "mention_hallucination": sampled / 2,
+                    "n": n and 3 * n,
+                    "samples_per_image": 3,
+                },
+            },
+        }
+    }
 
 
 def _stage(total, active, seconds=10.0):
@@ -66,11 +82,25 @@ def test_noise_verdicts_use_two_standard_errors():
 def test_write_report_makes_every_file(tmp_path):
     stage = tmp_path / "stage1b"
     stage.mkdir()
-    logs = [{"step": s, "loss": 2.0 / s, "kd": 1.0 / s, "ce": 1.0, "balance": 2.01,
-             **{f"load/L0/E{e}": [0.4, 0.3, 0.2, 0.1][e] for e in range(4)}} for s in (1, 2, 3)]
+    logs = [
+        {
+            "step": s,
+            "loss": 2.0 / s,
+            "kd": 1.0 / s,
+            "ce": 1.0,
+            "balance": 2.01,
+            **{f"load/L0/E{e}": [0.4, 0.3, 0.2, 0.1][e] for e in range(4)},
+        }
+        for s in (1, 2, 3)
+    ]
     (stage / "log_history.json").write_text(json.dumps(logs))
-    rows = [summary_row("teacher", _results(0.9, 0.85, 0.1, 0.3)), summary_row("student/stage1b", _results(0.8, 0.8, 0.1, 0.2))]
-    paths = write_report(tmp_path, {"title": "t", "rows": rows, "stages": {"stage1b": stage}, "timings": {"total": 1.0}})
+    rows = [
+        summary_row("teacher", _results(0.9, 0.85, 0.1, 0.3)),
+        summary_row("student/stage1b", _results(0.8, 0.8, 0.1, 0.2)),
+    ]
+    paths = write_report(
+        tmp_path, {"title": "t", "rows": rows, "stages": {"stage1b": stage}, "timings": {"total": 1.0}}
+    )
     for name in ("losses.png", "expert_load.png", "metrics.png", "hallucination_vs_accuracy.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 1000
     md = paths["markdown"].read_text()
@@ -83,8 +113,16 @@ def test_ablation_summary_means_stds_and_verdicts():
     def row(vqa, halluc):
         return {"vqa_accuracy": vqa, "caption_hallucination_sampled": halluc}
 
-    per_seed = {s: {"kd": row(0.8 + d, 0.3), "sft": row(0.7 + d, (0.32, 0.28, 0.31)[s]), "kto": row(0.8, 0.1 + d),
-                    "kd-moe": row(0.8, 0.3), "dpo": row(0.8, 0.2)} for s, d in enumerate((0.0, 0.02, 0.04))}
+    per_seed = {
+        s: {
+            "kd": row(0.8 + d, 0.3),
+            "sft": row(0.7 + d, (0.32, 0.28, 0.31)[s]),
+            "kto": row(0.8, 0.1 + d),
+            "kd-moe": row(0.8, 0.3),
+            "dpo": row(0.8, 0.2),
+        }
+        for s, d in enumerate((0.0, 0.02, 0.04))
+    }
     rows = {(r["a"], r["b"], r["key"]): r for r in summarise(per_seed)}
     kd = rows[("kd", "sft", "vqa_accuracy")]
     assert kd["a_mean"] == pytest.approx(0.82) and kd["diff_mean"] == pytest.approx(0.1) and kd["diff_std"] == 0
@@ -102,8 +140,18 @@ def test_router_metrics_plot_spans_stage_1b_and_2(tmp_path):
     for name, start in (("stage1b", 0.0), ("stage2", 0.3)):
         d = tmp_path / name
         d.mkdir()
-        logs = [{"step": s, "loss": 1.0, **{f"router/L{layer}/{m}": start + 0.01 * s for layer in (0, 2)
-                                            for m in ("entropy", "dead_experts", "topk_changed")}} for s in (1, 2, 3)]
+        logs = [
+            {
+                "step": s,
+                "loss": 1.0,
+                **{
+                    f"router/L{layer}/{m}": start + 0.01 * s
+                    for layer in (0, 2)
+                    for m in ("entropy", "dead_experts", "topk_changed")
+                },
+            }
+            for s in (1, 2, 3)
+        ]
         (d / "log_history.json").write_text(json.dumps(logs))
         stages[name] = d
     rows = [summary_row("teacher", _results(0.9, 0.85, 0.1, 0.3))]
@@ -115,9 +163,14 @@ def test_router_metrics_plot_spans_stage_1b_and_2(tmp_path):
 def test_onpolicy_ablation_summary_pairs_each_lambda_with_lambda_zero():
     from modistill.demo.ablate_onpolicy import summarise as summarise_onpolicy
 
-    per_seed = {s: {"kd-moe": {"vqa_accuracy": 0.5 + d}, "kd-moe-onpol0.5": {"vqa_accuracy": 0.55 + d},
-                    "kd-moe-onpol1": {"vqa_accuracy": 0.5 + d + (0.01, -0.01, 0.0)[s]}}
-                for s, d in enumerate((0.0, 0.1, 0.2))}
+    per_seed = {
+        s: {
+            "kd-moe": {"vqa_accuracy": 0.5 + d},
+            "kd-moe-onpol0.5": {"vqa_accuracy": 0.55 + d},
+            "kd-moe-onpol1": {"vqa_accuracy": 0.5 + d + (0.01, -0.01, 0.0)[s]},
+        }
+        for s, d in enumerate((0.0, 0.1, 0.2))
+    }
     rows = {r["lambda"]: r for r in summarise_onpolicy(per_seed)}
     assert rows[0.5]["mean"] == pytest.approx(0.65) and rows[0.5]["std"] == pytest.approx(0.1)
     assert rows[0.5]["diff_mean"] == pytest.approx(0.05) and rows[0.5]["better"]

@@ -26,8 +26,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pytest
-
 from modistill.models.load import load_model
 from modistill.stages import run_stage, stage_from_dict
 from modistill.upcycle import upcycle
@@ -76,11 +74,18 @@ def stage1b(out, world, teacher_dir, student_dir, per_device: int, balance: floa
         "upcycle": {"num_experts": 4, "top_k": 2, "seed": 3},
         "teacher": {"path": str(teacher_dir)},
         "data": {"train": [str(world / "train.json")], "max_length": 96, "cache_dir": str(out) + "-data"},
-        "loss": {"kd_weight": 1.0, "ce_weight": 1.0, "balance_coef": balance,
-                 "balance_scope": scope},
-        "train": {"learning_rate": 1e-2, "max_steps": STEPS, "per_device_train_batch_size": per_device,
-                  "logging_steps": 1, "save_steps": 100, "disable_tqdm": True, "warmup_steps": 0,
-                  "lr_scheduler_type": "constant", "use_cpu": True},
+        "loss": {"kd_weight": 1.0, "ce_weight": 1.0, "balance_coef": balance, "balance_scope": scope},
+        "train": {
+            "learning_rate": 1e-2,
+            "max_steps": STEPS,
+            "per_device_train_batch_size": per_device,
+            "logging_steps": 1,
+            "save_steps": 100,
+            "disable_tqdm": True,
+            "warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+            "use_cpu": True,
+        },
     }
 
 
@@ -93,8 +98,17 @@ def run_two_processes(tmp_path, name: str, cfg: dict) -> dict[str, dict[str, tor
     dumps = tmp_path / f"{name}-dumps"
     dumps.mkdir()
     env = {**os.environ, "DUMP_DIR": str(dumps), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(wrapper), "train", str(config)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(wrapper),
+        "train",
+        str(config),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     log = (done.stdout + done.stderr)[-4000:]
     assert done.returncode == 0, log
@@ -119,7 +133,9 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max(float((a[n] - b[n]).abs().max()) for n in a if a[n].numel())
 
 
-def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
+def relative_difference(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
+) -> float:
     """||a - b|| / ||b - start||: the runs' disagreement as a fraction of what training changed.
 
     AdamW divides each gradient by its running RMS, so a weight whose gradient is ~0 moves by up to
@@ -132,14 +148,16 @@ def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 
 
 def test_two_cpu_processes_match_one(tmp_path, scenes_world, teacher_dir, student_dir):
-    start = {n: p.detach() for n, p in upcycle(load_model(student_dir).model, 4, 2, "every-other", seed=3)
-             .named_parameters()}
+    start = {
+        n: p.detach() for n, p in upcycle(load_model(student_dir).model, 4, 2, "every-other", seed=3).named_parameters()
+    }
     results = {}
     for scope in ("global", "local"):
         two = tmp_path / f"two-{scope}"
         one = tmp_path / f"one-{scope}"
         ranks = run_two_processes(
-            tmp_path, scope, stage1b(two, scenes_world, teacher_dir, student_dir, GLOBAL_BATCH // 2, 0.01, scope))
+            tmp_path, scope, stage1b(two, scenes_world, teacher_dir, student_dir, GLOBAL_BATCH // 2, 0.01, scope)
+        )
         run_one_process(one, stage1b(one, scenes_world, teacher_dir, student_dir, GLOBAL_BATCH, 0.01, scope))
 
         # DDP: both ranks apply the same averaged gradient, so they hold bit-identical weights ...
@@ -162,8 +180,10 @@ def test_two_cpu_processes_match_one(tmp_path, scenes_world, teacher_dir, studen
     # Local balance: each rank balances its own tokens: a real difference, far above rounding.
     local, logs_two, logs_one = results["local"]
     assert local > 100 * exact, (local, exact)
-    print(f"\n2 vs 1 process, |w2 - w1| / |w1 - w0| at balance 0.01: global {exact:.1e}; local {local:.1e} "
-          f"(local losses {[round(h['loss'], 5) for h in logs_two]} vs {[round(h['loss'], 5) for h in logs_one]})")
+    print(
+        f"\n2 vs 1 process, |w2 - w1| / |w1 - w0| at balance 0.01: global {exact:.1e}; local {local:.1e} "
+        f"(local losses {[round(h['loss'], 5) for h in logs_two]} vs {[round(h['loss'], 5) for h in logs_one]})"
+    )
 
 
 def test_global_balance_with_accumulation_matches_one_process(tmp_path, scenes_world, teacher_dir, student_dir):
@@ -178,8 +198,9 @@ def test_global_balance_with_accumulation_matches_one_process(tmp_path, scenes_w
     cfg_one = stage1b(one, scenes_world, teacher_dir, student_dir, 2, 0.01)
     for cfg in (cfg_two, cfg_one):
         cfg["train"]["gradient_accumulation_steps"] = 2
-    start = {n: p.detach() for n, p in upcycle(load_model(student_dir).model, 4, 2, "every-other", seed=3)
-             .named_parameters()}
+    start = {
+        n: p.detach() for n, p in upcycle(load_model(student_dir).model, 4, 2, "every-other", seed=3).named_parameters()
+    }
     ranks = run_two_processes(tmp_path, "ga", cfg_two)
     run_one_process(one, cfg_one)
     assert max_difference(ranks["rank0"], ranks["rank1"]) == 0.0

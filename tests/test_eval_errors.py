@@ -70,7 +70,10 @@ def test_image_root_defaults_and_public_pope_format(images):
     # POPE's own question files: no split, image names relative to a separate folder.
     sub = images / "eval"
     sub.mkdir()
-    pope = _write(sub / "coco_pope_random.json", [{"question_id": 7, "image": "a.png", "text": "Is there a cat in the image?", "label": "no"}])
+    pope = _write(
+        sub / "coco_pope_random.json",
+        [{"question_id": 7, "image": "a.png", "text": "Is there a cat in the image?", "label": "no"}],
+    )
     es = load_eval_file(pope, image_root=images / "imgs")
     assert es.kind == "pope" and es.image_root == images / "imgs" and "split" not in es.rows[0]
     # default root: the file's folder, then its parent (a scenes world's eval/ beside images/)
@@ -84,8 +87,13 @@ def test_image_root_defaults_and_public_pope_format(images):
 
 
 def test_pope_without_split_evaluates_as_all(images, tiny_vlm_dir):
-    pope = _write(images / "pope.jsonl", [{"question_id": i, "image": "a.png", "text": "Is there a cat?", "label": lab}
-                                          for i, lab in enumerate(["yes", "no", "no"])])
+    pope = _write(
+        images / "pope.jsonl",
+        [
+            {"question_id": i, "image": "a.png", "text": "Is there a cat?", "label": lab}
+            for i, lab in enumerate(["yes", "no", "no"])
+        ],
+    )
     res = evaluate(tiny_vlm_dir, {"mypope": pope}, image_root=images / "imgs", max_new_tokens=3, progress=False)
     assert list(res["metrics"]) == ["mypope"] and list(res["metrics"]["mypope"]["splits"]) == ["all"]
     assert res["metrics"]["mypope"]["overall"]["n"] == 3
@@ -95,15 +103,25 @@ def test_model_errors(images, tmp_path, tiny_vlm_dir):
     f = _write(images / "v.jsonl", [VQA])
     assert "no such directory" in _error(evaluate, tmp_path / "no-model", [f])
     lm = tmp_path / "lm"
-    Qwen3Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                intermediate_size=32, vocab_size=64).save_pretrained(lm)
+    Qwen3Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+        vocab_size=64,
+    ).save_pretrained(lm)
     assert "not a vision-language model" in _error(evaluate, lm, [f])
     loaded = load_model(tiny_vlm_dir)
-    assert "needs a vision-language model" in _error(generate_answers, loaded.model.model.language_model, loaded.tokenizer, [])
+    assert "needs a vision-language model" in _error(
+        generate_answers, loaded.model.model.language_model, loaded.tokenizer, []
+    )
     assert "--limit" in _error(evaluate, tiny_vlm_dir, [f], limit=0)
     assert "--batch-size" in _error(evaluate, tiny_vlm_dir, [f], batch_size=0)
     assert "cannot create its folder" in _error(evaluate, tiny_vlm_dir, [f], out=f / "results.json")  # f is a file
-    assert "num_samples > 1 needs sampling" in _error(generate_answers, loaded.model, loaded.processor, [], num_samples=2)
+    assert "num_samples > 1 needs sampling" in _error(
+        generate_answers, loaded.model, loaded.processor, [], num_samples=2
+    )
     # bad input files are refused before the model loads (the model path here does not even exist)
     assert "no such eval file" in _error(evaluate, tmp_path / "no-model", [tmp_path / "nope.jsonl"])
 

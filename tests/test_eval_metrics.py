@@ -4,7 +4,6 @@ import math
 
 import pytest
 
-from modistill.scenes.world import SceneObject, make_scene
 from modistill.eval.metrics import (
     binary_metrics,
     caption_hallucination,
@@ -14,6 +13,7 @@ from modistill.eval.metrics import (
     vqa_correct,
     vqa_metrics,
 )
+from modistill.scenes.world import SceneObject, make_scene
 
 
 # ------------------------------------------------------------------------------------------ POPE
@@ -64,17 +64,30 @@ def test_binary_metrics_edge_cases():
 
 def test_pope_metrics_per_split_and_overall():
     rows = [  # (prediction, label, split)
-        ("Yes.", "yes", "random"), ("No.", "no", "random"), ("yes", "no", "random"), ("no", "yes", "random"),
-        ("Yes", "yes", "popular"), ("Yes", "no", "popular"), ("Yes", "yes", "popular"), ("a . .", "no", "popular"),
-        ("No", "no", "adversarial"), ("No", "no", "adversarial"), ("Yes", "yes", "adversarial"), ("Yes", "yes", "adversarial"),
+        ("Yes.", "yes", "random"),
+        ("No.", "no", "random"),
+        ("yes", "no", "random"),
+        ("no", "yes", "random"),
+        ("Yes", "yes", "popular"),
+        ("Yes", "no", "popular"),
+        ("Yes", "yes", "popular"),
+        ("a . .", "no", "popular"),
+        ("No", "no", "adversarial"),
+        ("No", "no", "adversarial"),
+        ("Yes", "yes", "adversarial"),
+        ("Yes", "yes", "adversarial"),
     ]
     preds, labels, splits = zip(*rows)
     m = pope_metrics(list(preds), list(labels), list(splits))
     r, p, a = m["splits"]["random"], m["splits"]["popular"], m["splits"]["adversarial"]
     # random: TP1 TN1 FP1 FN1
-    assert (r["accuracy"], r["precision"], r["recall"], r["f1"], r["yes_ratio"]) == pytest.approx((0.5, 0.5, 0.5, 0.5, 0.5))
+    assert (r["accuracy"], r["precision"], r["recall"], r["f1"], r["yes_ratio"]) == pytest.approx(
+        (0.5, 0.5, 0.5, 0.5, 0.5)
+    )
     # popular: TP2, FP2 (one yes on a negative + one unparseable negative), TN0, FN0
-    assert (p["accuracy"], p["precision"], p["recall"], p["yes_ratio"], p["unparseable"]) == pytest.approx((0.5, 0.5, 1.0, 0.75, 0.25))
+    assert (p["accuracy"], p["precision"], p["recall"], p["yes_ratio"], p["unparseable"]) == pytest.approx(
+        (0.5, 0.5, 1.0, 0.75, 0.25)
+    )
     assert p["f1"] == pytest.approx(2 * 0.5 * 1.0 / 1.5)
     # adversarial: all right
     assert (a["accuracy"], a["precision"], a["recall"], a["f1"], a["yes_ratio"]) == pytest.approx((1, 1, 1, 1, 0.5))
@@ -97,7 +110,9 @@ def test_pope_without_split_is_all_and_bad_labels_are_refused():
 
 # -------------------------------------------------------------------------------------- captions
 # Scene A: small red circle top-left, large blue square centre. Scene B: one small green triangle bottom-right.
-SCENE_A = make_scene([SceneObject("red", "circle", "small", 0, 0), SceneObject("blue", "square", "large", 1, 1)], 3, (120, 120, 120))
+SCENE_A = make_scene(
+    [SceneObject("red", "circle", "small", 0, 0), SceneObject("blue", "square", "large", 1, 1)], 3, (120, 120, 120)
+)
 SCENE_B = make_scene([SceneObject("green", "triangle", "small", 2, 2)], 3, (90, 90, 90))
 
 
@@ -136,7 +151,13 @@ def test_vqa_per_type_accuracy_with_the_scenes_matcher():
     assert {t: v["accuracy"] for t, v in m["per_type"].items()} == pytest.approx(
         {"colour": 0.5, "count": 0.5, "exists": 0.5, "position": 1.0, "compare": 0.0}
     )
-    assert {t: v["n"] for t, v in m["per_type"].items()} == {"colour": 2, "count": 2, "exists": 2, "position": 2, "compare": 1}
+    assert {t: v["n"] for t, v in m["per_type"].items()} == {
+        "colour": 2,
+        "count": 2,
+        "exists": 2,
+        "position": 2,
+        "compare": 1,
+    }
 
 
 @pytest.mark.parametrize(

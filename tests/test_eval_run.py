@@ -6,8 +6,6 @@ import json
 import pytest
 import torch
 
-from modistill.scenes.build import build_world
-from modistill.scenes.world import WorldConfig
 from modistill.eval.cli import add_chat_arguments, add_eval_arguments, run_chat_command, run_eval_command
 from modistill.eval.efficiency import _vmhwm_peak, measure_efficiency, peak_memory
 from modistill.eval.generate import generate_answers
@@ -16,6 +14,8 @@ from modistill.info import parameter_counts
 from modistill.models.build import build_vlm
 from modistill.models.load import load_model
 from modistill.models.spec import ModelSpec, TextSpec, VisionSpec
+from modistill.scenes.build import build_world
+from modistill.scenes.world import WorldConfig
 
 POPE_KEYS = {"n", "accuracy", "precision", "recall", "f1", "yes_ratio", "unparseable"}
 CAPTION_KEYS = {"n", "response_hallucination", "mention_hallucination", "coverage", "unparseable"}
@@ -31,7 +31,9 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vlm_dir(world, tmp_path_factory):
     spec = ModelSpec(
-        vision=VisionSpec(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, image_size=48, patch_size=16),
+        vision=VisionSpec(
+            hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, image_size=48, patch_size=16
+        ),
         text=TextSpec(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
         tokenizer=str(world / "tokenizer"),
     )
@@ -54,8 +56,17 @@ def _files(world):
 @pytest.mark.slow
 def test_evaluate_all_three_kinds_returns_every_metric(world, loaded, tmp_path):
     out = tmp_path / "res.json"
-    res = evaluate(loaded, list(_files(world).values()), out, batch_size=8, max_new_tokens=6, caption_samples=2,
-                   limit=24, efficiency=True, progress=False)
+    res = evaluate(
+        loaded,
+        list(_files(world).values()),
+        out,
+        batch_size=8,
+        max_new_tokens=6,
+        caption_samples=2,
+        limit=24,
+        efficiency=True,
+        progress=False,
+    )
     assert {f["kind"] for f in res["files"].values()} == {"vqa", "pope", "captions"}
     assert set(res["metrics"]) == {"vqa", "pope", "captions"}  # unnamed files are named by kind
     vqa = res["metrics"]["vqa"]
@@ -95,10 +106,12 @@ def test_left_padded_batches_generate_what_single_prompts_do(world, loaded):
     lengths = {len(tok(r["text"])["input_ids"]) for r in es.rows}
     assert len(lengths) > 1  # the batch really is padded
     side = tok.padding_side
-    batched = generate_answers(loaded.model, loaded.processor, items, batch_size=12, max_new_tokens=8,
-                               image_root=es.image_root, progress=False)
-    single = generate_answers(loaded.model, loaded.processor, items, batch_size=1, max_new_tokens=8,
-                              image_root=es.image_root, progress=False)
+    batched = generate_answers(
+        loaded.model, loaded.processor, items, batch_size=12, max_new_tokens=8, image_root=es.image_root, progress=False
+    )
+    single = generate_answers(
+        loaded.model, loaded.processor, items, batch_size=1, max_new_tokens=8, image_root=es.image_root, progress=False
+    )
     assert batched == single
     assert any(batched) and tok.padding_side == side  # padding side restored
 
@@ -123,8 +136,23 @@ def test_eval_and_chat_commands(world, vlm_dir, tmp_path, capsys):
     add_eval_arguments(parser)
     out = tmp_path / "sub" / "results.json"
     files = _files(world)
-    args = parser.parse_args(["--model", str(vlm_dir), "--data", str(files["pope"]), "--data", str(files["captions"]),
-                              "--out", str(out), "--limit", "6", "--max-new-tokens", "4", "--no-progress"])
+    args = parser.parse_args(
+        [
+            "--model",
+            str(vlm_dir),
+            "--data",
+            str(files["pope"]),
+            "--data",
+            str(files["captions"]),
+            "--out",
+            str(out),
+            "--limit",
+            "6",
+            "--max-new-tokens",
+            "4",
+            "--no-progress",
+        ]
+    )
     assert run_eval_command(args) == 0
     printed = capsys.readouterr().out
     assert "pope" in printed and "F1" in printed and "response" in printed and f"wrote {out}" in printed
@@ -134,12 +162,19 @@ def test_eval_and_chat_commands(world, vlm_dir, tmp_path, capsys):
     chat = argparse.ArgumentParser()
     add_chat_arguments(chat)
     image = world / json.loads(files["vqa"].read_text().splitlines()[0])["image"]
-    args = chat.parse_args(["--model", str(vlm_dir), "--image", str(image), "--max-new-tokens", "5", "How many objects are there?"])
+    args = chat.parse_args(
+        ["--model", str(vlm_dir), "--image", str(image), "--max-new-tokens", "5", "How many objects are there?"]
+    )
     assert run_chat_command(args) == 0
     answer = capsys.readouterr().out.strip()
     loaded = load_model(vlm_dir)
-    expected = generate_answers(loaded.model, loaded.processor, [{"image": str(image), "text": "How many objects are there?"}],
-                                max_new_tokens=5, progress=False)
+    expected = generate_answers(
+        loaded.model,
+        loaded.processor,
+        [{"image": str(image), "text": "How many objects are there?"}],
+        max_new_tokens=5,
+        progress=False,
+    )
     assert answer == expected[0]
 
 

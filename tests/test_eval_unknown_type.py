@@ -31,8 +31,10 @@ def test_a_file_without_scenes_types_is_scored_generically():
 
 
 def test_eval_warns_naming_the_row_and_counts_it(capsys):
-    rows = [{"image": "x.png", "text": "q", "answer": a, "type": t} for a, t in zip(GOLD, ["exists", "mystery",
-                                                                                          "count", "colour"])]
+    rows = [
+        {"image": "x.png", "text": "q", "answer": a, "type": t}
+        for a, t in zip(GOLD, ["exists", "mystery", "count", "colour"])
+    ]
     where = [f"vqa.jsonl:{i + 1}" for i in range(4)]
     metrics, per_item = _score_vqa(EvalSet("vqa", "vqa", Path("vqa.jsonl"), rows, where, Path(".")), PREDS)
     out = capsys.readouterr().out

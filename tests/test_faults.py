@@ -22,17 +22,32 @@ from test_train_stages import stage_config
 
 
 def _cfg(out, world, student_dir):
-    return stage_config("align", out, {"path": str(student_dir)}, world,
-                        train={"max_steps": 4, "save_steps": 2, "learning_rate": 3e-3,
-                               "lr_scheduler_type": "cosine", "warmup_steps": 1})
+    return stage_config(
+        "align",
+        out,
+        {"path": str(student_dir)},
+        world,
+        train={
+            "max_steps": 4,
+            "save_steps": 2,
+            "learning_rate": 3e-3,
+            "lr_scheduler_type": "cosine",
+            "warmup_steps": 1,
+        },
+    )
 
 
 def _train(config, kill_at: str | None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MODISTILL_KILL_AT"}
     if kill_at:
         env["MODISTILL_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "modistill.cli", "train", str(config)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "modistill.cli", "train", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _weights(path) -> dict[str, torch.Tensor]:

@@ -23,11 +23,11 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import GLOBAL_BATCH, STEPS, relative_difference, run_one_process, saved_weights, stage1b
 from transformers import AutoModelForImageTextToText
 
 from modistill.models.load import load_model
 from modistill.upcycle import upcycle
+from test_distributed import GLOBAL_BATCH, STEPS, relative_difference, run_one_process, saved_weights, stage1b
 
 pytestmark = pytest.mark.distributed
 
@@ -85,8 +85,11 @@ WRAPPER = textwrap.dedent(
 
 FSDP = {
     "fsdp": "full_shard",
-    "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["Qwen3MoeDecoderLayer"],
-                    "state_dict_type": "FULL_STATE_DICT"},
+    "fsdp_config": {
+        "version": 2,
+        "transformer_layer_cls_to_wrap": ["Qwen3MoeDecoderLayer"],
+        "state_dict_type": "FULL_STATE_DICT",
+    },
 }
 
 
@@ -107,8 +110,17 @@ def torchrun(tmp_path, name: str, cfg: dict, crash_at: int | None = None) -> sub
     env.pop("CRASH_AT_STEP", None)
     if crash_at is not None:
         env["CRASH_AT_STEP"] = str(crash_at)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(wrapper), "train", str(config)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(wrapper),
+        "train",
+        str(config),
+    ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -123,8 +135,9 @@ def check_ok(done: subprocess.CompletedProcess) -> None:
 
 
 def test_fsdp_two_processes_match_one_save_and_resume(tmp_path, scenes_world, teacher_dir, student_dir):
-    start = {n: p.detach() for n, p in upcycle(load_model(student_dir).model, 4, 2, "every-other", seed=3)
-             .named_parameters()}
+    start = {
+        n: p.detach() for n, p in upcycle(load_model(student_dir).model, 4, 2, "every-other", seed=3).named_parameters()
+    }
     steps = STEPS + 1
 
     # One process, same global batch, no FSDP: the reference.

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from modistill.cli import main
 from modistill.errors import UserError
-from modistill.runtime.guards import NonFiniteError
 from modistill.models.load import load_model
+from modistill.runtime.guards import NonFiniteError
 from modistill.stages import run_stage
 from modistill.stages.align import CETrainer
 from test_train_stages import stage_config
@@ -22,12 +22,18 @@ def _all_finite(path) -> bool:
 
 
 def test_nan_gradient_stops_before_the_update_and_the_run_resumes_with_a_lower_lr(
-        tmp_path, scenes_world, student_dir, monkeypatch, capsys):
+    tmp_path, scenes_world, student_dir, monkeypatch, capsys
+):
     out = tmp_path / "s0"
 
     def cfg(lr):
-        return stage_config("align", out, {"path": str(student_dir)}, scenes_world,
-                            train={"max_steps": 3, "save_steps": 1, "learning_rate": lr})
+        return stage_config(
+            "align",
+            out,
+            {"path": str(student_dir)},
+            scenes_world,
+            train={"max_steps": 3, "save_steps": 1, "learning_rate": lr},
+        )
 
     original = CETrainer.training_step
     poisoned_ids = []
@@ -62,8 +68,11 @@ def test_nan_gradient_stops_before_the_update_and_the_run_resumes_with_a_lower_l
     assert metrics["steps"] == 3 and _all_finite(out / "model.safetensors")
     logs = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
     # The new rate is the one trained with after the resume (constant schedule), not the checkpoint's.
-    assert [(h["step"], h["learning_rate"]) for h in logs] == [(1, 1e-2), (2, pytest.approx(1e-3)),
-                                                                 (3, pytest.approx(1e-3))]
+    assert [(h["step"], h["learning_rate"]) for h in logs] == [
+        (1, 1e-2),
+        (2, pytest.approx(1e-3)),
+        (3, pytest.approx(1e-3)),
+    ]
 
 
 def test_a_huge_learning_rate_stops_at_the_nan_gradient_and_resumes_lower(tmp_path, scenes_world, student_dir, capsys):
@@ -97,8 +106,9 @@ def test_a_non_finite_weight_is_never_checkpointed_or_saved(tmp_path, scenes_wor
         loaded.model.model.vision_tower.head.probe.fill_(float("inf"))
     loaded.model.save_pretrained(broken)
     loaded.processor.save_pretrained(broken)
-    cfg = stage_config("align", tmp_path / "s0", {"path": str(broken)}, scenes_world,
-                       train={"max_steps": 2, "save_steps": 1})
+    cfg = stage_config(
+        "align", tmp_path / "s0", {"path": str(broken)}, scenes_world, train={"max_steps": 2, "save_steps": 1}
+    )
     with pytest.raises(NonFiniteError, match=r"refusing to save checkpoint-1: 1 tensors hold NaN/inf \(first: "):
         run_stage(cfg)
     assert not list((tmp_path / "s0" / "checkpoints").glob("checkpoint-*/*.safetensors"))

@@ -26,8 +26,11 @@ def proc(tiny_vlm_dir):
 
 
 def conv(sid: str, image: str) -> dict:
-    return {"id": sid, "image": image,
-            "conversations": [{"from": "human", "value": "<image>\nwhat colour?"}, {"from": "gpt", "value": "red."}]}
+    return {
+        "id": sid,
+        "image": image,
+        "conversations": [{"from": "human", "value": "<image>\nwhat colour?"}, {"from": "gpt", "value": "red."}],
+    }
 
 
 @pytest.fixture()
@@ -55,16 +58,19 @@ def test_paths_outside_the_image_root_are_refused_unless_allowed(layout, proc, e
     with pytest.raises(UserError, match=rf"{data}:2: sample sneaky: {IMAGE_OUTSIDE_ROOT}"):
         load_conversations(data, processor=proc, max_length=256, cache_dir=layout / "cache")
     # The explicit opt-in (data.allow_outside_root: true) trains on both.
-    allowed = load_conversations(data, processor=proc, max_length=256, cache_dir=layout / "cache",
-                                 allow_outside_root=True)
+    allowed = load_conversations(
+        data, processor=proc, max_length=256, cache_dir=layout / "cache", allow_outside_root=True
+    )
     assert allowed.dataset["id"] == ["good", "sneaky"]
 
 
 def test_a_symlinked_folder_inside_the_root_is_followed(layout, proc):
     # Only `..` and absolute paths (what a data file can write) are confined; a link someone put on disk is theirs.
     os.symlink(layout / "outside", layout / "data" / "linked")
-    data = write(layout / "data" / "train.jsonl", [conv("linked", "linked/secret.png"),
-                                                    conv("escape", "linked/../../outside/secret.png")])
+    data = write(
+        layout / "data" / "train.jsonl",
+        [conv("linked", "linked/secret.png"), conv("escape", "linked/../../outside/secret.png")],
+    )
     _, problems = check_data([data], proc, max_length=256)
     assert [(p.sample_id, p.reason) for p in problems] == [("escape", IMAGE_OUTSIDE_ROOT)]
 
@@ -102,8 +108,10 @@ def test_decompression_bombs_are_refused_from_the_header(tmp_path):
 
 
 def test_eval_files_cannot_read_outside_their_image_root(layout):
-    rows = [{"image": "ok.png", "text": "q?", "answer": "red", "type": "colour"},
-            {"image": "../outside/secret.png", "text": "q?", "answer": "red", "type": "colour"}]
+    rows = [
+        {"image": "ok.png", "text": "q?", "answer": "red", "type": "colour"},
+        {"image": "../outside/secret.png", "text": "q?", "answer": "red", "type": "colour"},
+    ]
     path = write(layout / "data" / "vqa.jsonl", rows)
     with pytest.raises(UserError, match=r"vqa.jsonl:2: image .*outside the image root"):
         load_eval_file(path, image_root=layout / "data")

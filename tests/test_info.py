@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
 
+import pytest
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from helpers import run_cli
@@ -16,10 +15,21 @@ from modistill.upcycle import upcycle
 
 
 def test_activated_parameters_match_a_hand_count():
-    V, H, I, MI, L, NH, NKV, HD, E, K = 50, 32, 64, 48, 3, 4, 2, 8, 4, 2
-    cfg = Qwen3MoeConfig(vocab_size=V, hidden_size=H, intermediate_size=I, moe_intermediate_size=MI,
-                         num_hidden_layers=L, num_attention_heads=NH, num_key_value_heads=NKV, head_dim=HD,
-                         num_experts=E, num_experts_per_tok=K, mlp_only_layers=[1], tie_word_embeddings=False)
+    V, H, I, MI, L, NH, NKV, HD, E, K = 50, 32, 64, 48, 3, 4, 2, 8, 4, 2  # noqa: E741  (I: intermediate size)
+    cfg = Qwen3MoeConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=I,
+        moe_intermediate_size=MI,
+        num_hidden_layers=L,
+        num_attention_heads=NH,
+        num_key_value_heads=NKV,
+        head_dim=HD,
+        num_experts=E,
+        num_experts_per_tok=K,
+        mlp_only_layers=[1],
+        tie_word_embeddings=False,
+    )
     model = Qwen3MoeForCausalLM(cfg)
     attention = H * NH * HD + 2 * H * NKV * HD + NH * HD * H + 2 * HD  # q, k, v, o, q_norm, k_norm
     norms = 2 * H

@@ -64,8 +64,12 @@ def test_stats_count_topk_top1_and_skip_padding():
 
 def combine(parts: list[BalanceStats]) -> BalanceStats:
     """What all_reduce_stats returns on every rank: the sum of the ranks' detached statistics."""
-    return BalanceStats(sum(p.counts for p in parts), sum(p.top1 for p in parts),
-                        sum(p.prob_sums.detach() for p in parts), sum(p.tokens for p in parts))
+    return BalanceStats(
+        sum(p.counts for p in parts),
+        sum(p.top1 for p in parts),
+        sum(p.prob_sums.detach() for p in parts),
+        sum(p.tokens for p in parts),
+    )
 
 
 def test_global_terms_of_ranks_average_to_the_union_loss_and_gradient():
@@ -76,8 +80,8 @@ def test_global_terms_of_ranks_average_to_the_union_loss_and_gradient():
     want = hf_balance(union, mask[None])
     want_grads = torch.autograd.grad(want, union)
 
-    ranks = [tuple(layer[r * per_rank:(r + 1) * per_rank] for layer in union) for r in range(world)]
-    masks = [mask[r * per_rank:(r + 1) * per_rank][None] for r in range(world)]
+    ranks = [tuple(layer[r * per_rank : (r + 1) * per_rank] for layer in union) for r in range(world)]
+    masks = [mask[r * per_rank : (r + 1) * per_rank][None] for r in range(world)]
     local = [balance_stats(ranks[r], TOP_K, masks[r]) for r in range(world)]
     total = combine(local)
     # Each rank's term with the global counts; DDP averages the ranks' gradients (hence / world).
@@ -99,9 +103,11 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         union = router_logits(16, seed=2)
-        mine = tuple(layer[rank * 8:(rank + 1) * 8] for layer in union)
+        mine = tuple(layer[rank * 8 : (rank + 1) * 8] for layer in union)
         got = balance_terms(mine, TOP_K, None, scope="global")
-        queue.put((rank, float(got.value), float(got.term), all_reduce_stats(balance_stats(mine, TOP_K)).counts.tolist()))
+        queue.put(
+            (rank, float(got.value), float(got.term), all_reduce_stats(balance_stats(mine, TOP_K)).counts.tolist())
+        )
     finally:
         dist.destroy_process_group()
 

@@ -95,8 +95,14 @@ def test_divergence_loss_matches_numpy(kind: str, use_num_items: bool) -> None:
     mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)) > 0.3
     num_items = int(mask.sum()) + 4 if use_num_items else None
     loss = divergence_loss(
-        student, teacher, kind, mask=mask, temperature=temperature, num_items=num_items,
-        beta=BETA, alpha=ALPHA,
+        student,
+        teacher,
+        kind,
+        mask=mask,
+        temperature=temperature,
+        num_items=num_items,
+        beta=BETA,
+        alpha=ALPHA,
     )
     ps = np_softmax(as_np(student) / temperature)
     pt = np_softmax(as_np(teacher) / temperature)
@@ -142,7 +148,11 @@ def test_gradient_accumulation_invariance(kind: str) -> None:
     halves, grads = [], []
     for part in (slice(0, 4), slice(4, 8)):
         loss = divergence_loss(
-            hidden[part] @ head.T, teacher[part], kind, mask=mask[part], temperature=1.3,
+            hidden[part] @ head.T,
+            teacher[part],
+            kind,
+            mask=mask[part],
+            temperature=1.3,
             num_items=total,
         )
         halves.append(loss)
@@ -199,11 +209,16 @@ def test_topk_with_k_equal_vocab_equals_full_divergence(kind: str) -> None:
     coarse = per_token_divergence(
         coarse_logprobs(student / temperature, ids),
         teacher_topk_to_coarse(teacher_lp, full_vocab=True),
-        kind, beta=BETA, alpha=ALPHA,
+        kind,
+        beta=BETA,
+        alpha=ALPHA,
     )
     full = per_token_divergence(
-        F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
-        kind, beta=BETA, alpha=ALPHA,
+        F.log_softmax(student / temperature, -1),
+        F.log_softmax(teacher / temperature, -1),
+        kind,
+        beta=BETA,
+        alpha=ALPHA,
     )
     torch.testing.assert_close(coarse, full, rtol=1e-5, atol=1e-6)
     (grad_coarse,) = torch.autograd.grad(coarse.sum(), student)
@@ -217,8 +232,11 @@ def test_topk_small_k_matches_float64_bins(kind: str) -> None:
     student, teacher = random_logits(4, 10, seed=9)
     ids, teacher_lp = topk_from_logits(teacher, k, temperature)
     ours = per_token_divergence(
-        coarse_logprobs(student / temperature, ids), teacher_topk_to_coarse(teacher_lp),
-        kind, beta=BETA, alpha=ALPHA,
+        coarse_logprobs(student / temperature, ids),
+        teacher_topk_to_coarse(teacher_lp),
+        kind,
+        beta=BETA,
+        alpha=ALPHA,
     )
     ps = np_softmax(as_np(student) / temperature)
     pt = np_softmax(as_np(teacher) / temperature)

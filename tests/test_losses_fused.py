@@ -69,8 +69,16 @@ def make_case(seed: int = 0) -> Case:
     )
 
 
-def plain_loss(case: Case, form: str, kind: str, *, num_items: int, kd_weight: float, ce_weight: float,
-               temperature: float = TEMPERATURE) -> dict:
+def plain_loss(
+    case: Case,
+    form: str,
+    kind: str,
+    *,
+    num_items: int,
+    kd_weight: float,
+    ce_weight: float,
+    temperature: float = TEMPERATURE,
+) -> dict:
     """The same loss from fully materialised logits, via the (separately tested) plain functions."""
     logits = F.linear(case.hidden, case.weight, case.bias)
     counted = case.labels != -100
@@ -84,7 +92,11 @@ def plain_loss(case: Case, form: str, kind: str, *, num_items: int, kd_weight: f
         kd = per_row[counted].sum() / num_items
     else:
         kd = divergence_loss(
-            logits, case.teacher_logits()[:, :V], kind, mask=counted, temperature=temperature,
+            logits,
+            case.teacher_logits()[:, :V],
+            kind,
+            mask=counted,
+            temperature=temperature,
             num_items=num_items,
         )
     ce = F.cross_entropy(logits, case.labels, ignore_index=-100, reduction="sum") / num_items
@@ -104,9 +116,16 @@ def test_fused_matches_plain_values_and_grads(form: str, kind: str, temperature:
     num_items = int((case.labels != -100).sum()) + 3
     weights = {"kd_weight": 1.3, "ce_weight": 0.7}
     fused = fused_distill_loss(
-        case.hidden, case.weight, teacher=case.teacher(form, temperature), labels=case.labels,
-        kind=kind, temperature=temperature, chunk_size=CHUNK, num_items=num_items,
-        student_head_bias=case.bias, **weights,
+        case.hidden,
+        case.weight,
+        teacher=case.teacher(form, temperature),
+        labels=case.labels,
+        kind=kind,
+        temperature=temperature,
+        chunk_size=CHUNK,
+        num_items=num_items,
+        student_head_bias=case.bias,
+        **weights,
     )
     fused_grads = torch.autograd.grad(fused["loss"], case.params)
     plain = plain_loss(case, form, kind, num_items=num_items, temperature=temperature, **weights)
@@ -126,10 +145,22 @@ def test_frozen_head_gives_hidden_grads_and_leaves_head_untouched() -> None:
     case = make_case(4)
     weight, bias = case.weight.detach(), case.bias.detach()
     num_items = int((case.labels != -100).sum())
-    common = {"kind": "reverse_kl", "temperature": TEMPERATURE, "num_items": num_items,
-              "kd_weight": 1.0, "ce_weight": 0.5}
-    fused = fused_distill_loss(case.hidden, weight, teacher=case.teacher("logits"), labels=case.labels,
-                               chunk_size=CHUNK, student_head_bias=bias, **common)
+    common = {
+        "kind": "reverse_kl",
+        "temperature": TEMPERATURE,
+        "num_items": num_items,
+        "kd_weight": 1.0,
+        "ce_weight": 0.5,
+    }
+    fused = fused_distill_loss(
+        case.hidden,
+        weight,
+        teacher=case.teacher("logits"),
+        labels=case.labels,
+        chunk_size=CHUNK,
+        student_head_bias=bias,
+        **common,
+    )
     fused["loss"].backward()
     assert weight.grad is None and bias.grad is None
     plain = plain_loss(replace(case, weight=weight, bias=bias), "logits", **common)
@@ -145,13 +176,23 @@ def test_single_term_losses_match_plain(kd_weight: float, ce_weight: float) -> N
     case = make_case(5)
     num_items = int((case.labels != -100).sum())
     weights = {"kd_weight": kd_weight, "ce_weight": ce_weight}
-    fused = fused_distill_loss(case.hidden, case.weight, teacher=case.teacher("logits"), labels=case.labels,
-                               kind="forward_kl", temperature=1.0, chunk_size=CHUNK, num_items=num_items,
-                               student_head_bias=case.bias, **weights)
+    fused = fused_distill_loss(
+        case.hidden,
+        case.weight,
+        teacher=case.teacher("logits"),
+        labels=case.labels,
+        kind="forward_kl",
+        temperature=1.0,
+        chunk_size=CHUNK,
+        num_items=num_items,
+        student_head_bias=case.bias,
+        **weights,
+    )
     plain = plain_loss(case, "logits", "forward_kl", num_items=num_items, temperature=1.0, **weights)
     assert_close_rel(fused["loss"], plain["loss"])
-    for got, want in zip(torch.autograd.grad(fused["loss"], case.params),
-                         torch.autograd.grad(plain["loss"], case.params)):
+    for got, want in zip(
+        torch.autograd.grad(fused["loss"], case.params), torch.autograd.grad(plain["loss"], case.params)
+    ):
         assert_close_rel(got, want)
 
 
@@ -172,7 +213,12 @@ def test_fused_topk_with_k_equal_vocab_equals_full_teacher(kind: str) -> None:
 def test_pure_ce_without_teacher() -> None:
     case = make_case(2)
     out = fused_distill_loss(
-        case.hidden, case.weight, teacher=None, labels=case.labels, kd_weight=0.0, ce_weight=1.0,
+        case.hidden,
+        case.weight,
+        teacher=None,
+        labels=case.labels,
+        kd_weight=0.0,
+        ce_weight=1.0,
         chunk_size=CHUNK,
     )
     expected = F.cross_entropy(case.hidden @ case.weight.T, case.labels, ignore_index=-100)
@@ -186,17 +232,22 @@ def test_pure_ce_without_teacher() -> None:
 def test_fused_gradient_accumulation_invariance() -> None:
     case = make_case(3)
     total = int((case.labels != -100).sum())
-    kwargs = {"kind": "forward_kl", "temperature": TEMPERATURE, "chunk_size": CHUNK,
-              "ce_weight": 1.0, "num_items": total}
-    full = fused_distill_loss(case.hidden, case.weight, teacher=case.teacher("hidden"),
-                              labels=case.labels, **kwargs)
+    kwargs = {
+        "kind": "forward_kl",
+        "temperature": TEMPERATURE,
+        "chunk_size": CHUNK,
+        "ce_weight": 1.0,
+        "num_items": total,
+    }
+    full = fused_distill_loss(case.hidden, case.weight, teacher=case.teacher("hidden"), labels=case.labels, **kwargs)
     full_grad = torch.autograd.grad(full["loss"], case.weight)[0]
     teacher = case.teacher("hidden")
     parts, grads = [], []
     for rows in (slice(0, 20), slice(20, N)):
         part_teacher = TeacherHidden(teacher.hidden[rows], teacher.head_weight, teacher.head_bias)
-        out = fused_distill_loss(case.hidden[rows], case.weight, teacher=part_teacher,
-                                 labels=case.labels[rows], **kwargs)
+        out = fused_distill_loss(
+            case.hidden[rows], case.weight, teacher=part_teacher, labels=case.labels[rows], **kwargs
+        )
         parts.append(out["loss"])
         grads.append(torch.autograd.grad(out["loss"], case.weight)[0])
     assert_close_rel(parts[0] + parts[1], full["loss"])
@@ -224,9 +275,7 @@ def test_fused_keeps_no_full_vocab_tensor_for_backward() -> None:
             fn()
         return sum(storages.values())
 
-    fused = saved_elements(
-        lambda: fused_distill_loss(hidden, weight, teacher=teacher, labels=None, chunk_size=8)
-    )
+    fused = saved_elements(lambda: fused_distill_loss(hidden, weight, teacher=teacher, labels=None, chunk_size=8))
     plain = saved_elements(
         lambda: divergence_loss(hidden @ weight.T, (teacher.hidden @ teacher.head_weight.T)[:, :vocab])
     )
@@ -239,15 +288,17 @@ def test_bf16_hidden_and_weights_give_fp32_loss() -> None:
     hidden = case.hidden.detach().bfloat16().requires_grad_(True)
     weight = case.weight.detach().bfloat16().requires_grad_(True)
     teacher = TeacherHidden(case.teacher_hidden.bfloat16(), case.teacher_weight.bfloat16())
-    out = fused_distill_loss(hidden, weight, teacher=teacher, labels=case.labels, ce_weight=1.0,
-                             chunk_size=CHUNK)
+    out = fused_distill_loss(hidden, weight, teacher=teacher, labels=case.labels, ce_weight=1.0, chunk_size=CHUNK)
     assert out["loss"].dtype == out["kd"].dtype == out["ce"].dtype == torch.float32
     out["loss"].backward()
     assert hidden.grad.dtype == torch.bfloat16 and torch.isfinite(hidden.grad.float()).all()
     reference = fused_distill_loss(
-        hidden.detach().float(), weight.detach().float(),
+        hidden.detach().float(),
+        weight.detach().float(),
         teacher=TeacherHidden(teacher.hidden.float(), teacher.head_weight.float()),
-        labels=case.labels, ce_weight=1.0, chunk_size=CHUNK,
+        labels=case.labels,
+        ce_weight=1.0,
+        chunk_size=CHUNK,
     )
     torch.testing.assert_close(out["loss"], reference["loss"], rtol=3e-2, atol=0)
 
@@ -255,16 +306,17 @@ def test_bf16_hidden_and_weights_give_fp32_loss() -> None:
 def test_chunked_token_logps_matches_gather() -> None:
     case = make_case(6)
     targets = case.labels
-    got = chunked_token_logps(case.hidden, case.weight, targets, chunk_size=CHUNK,
-                              head_bias=case.bias, temperature=1.7)
+    got = chunked_token_logps(case.hidden, case.weight, targets, chunk_size=CHUNK, head_bias=case.bias, temperature=1.7)
     logp = F.log_softmax(F.linear(case.hidden, case.weight, case.bias) / 1.7, -1)
     ignored = targets == -100
     want = logp.gather(-1, targets.clamp_min(0)[:, None]).squeeze(-1).masked_fill(ignored, 0.0)
     assert (got[ignored] == 0).all()
     assert_close_rel(got, want)
     upstream = torch.linspace(-1, 1, N)
-    for g, w in zip(torch.autograd.grad((got * upstream).sum(), case.params),
-                    torch.autograd.grad((want * upstream).sum(), case.params)):
+    for g, w in zip(
+        torch.autograd.grad((got * upstream).sum(), case.params),
+        torch.autograd.grad((want * upstream).sum(), case.params),
+    ):
         assert_close_rel(g, w)
 
 
@@ -290,8 +342,9 @@ def test_bad_inputs_raise_clear_errors() -> None:
         bad_ids[0, 0] = 50
         fused_distill_loss(h, w, teacher=TeacherTopK(bad_ids, torch.full((N, 3), -2.0)), labels=labels)
     with pytest.raises(ValueError, match="distinct"):
-        fused_distill_loss(h, w, teacher=TeacherTopK(torch.zeros(N, 2, dtype=torch.long),
-                                                     torch.full((N, 2), -2.0)), labels=labels)
+        fused_distill_loss(
+            h, w, teacher=TeacherTopK(torch.zeros(N, 2, dtype=torch.long), torch.full((N, 2), -2.0)), labels=labels
+        )
     with pytest.raises(ValueError, match="hidden size 16 != head weight input size 15"):
         fused_distill_loss(h, torch.randn(V, 15), teacher=None, labels=labels, kd_weight=0.0)
     with pytest.raises(ValueError, match="needs a teacher"):

@@ -22,8 +22,7 @@ def make_inputs() -> list[np.ndarray]:
     return [ref_chosen + CHOSEN_DELTA, ref_rejected + REJECTED_DELTA, ref_chosen, ref_rejected]
 
 
-def np_loss(pc: np.ndarray, pr: np.ndarray, rc: np.ndarray, rr: np.ndarray, kind: str,
-            beta: float = BETA) -> float:
+def np_loss(pc: np.ndarray, pr: np.ndarray, rc: np.ndarray, rr: np.ndarray, kind: str, beta: float = BETA) -> float:
     dw, dl = pc - rc, pr - rr
 
     def sigmoid(x: np.ndarray) -> np.ndarray:

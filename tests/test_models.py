@@ -78,25 +78,47 @@ def test_assemble_from_pretrained_llm_and_vision_dirs(tmp_path):
     llm_dir, vis_dir = tmp_path / "llm", tmp_path / "vision"
     torch.manual_seed(1)
     tok = _bare_tokenizer(tmp_path)
-    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    llm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
     llm.save_pretrained(llm_dir)
     tok.save_pretrained(llm_dir)
-    clip = CLIPModel(CLIPConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=16),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         vocab_size=99)))
+    clip = CLIPModel(
+        CLIPConfig(
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=16,
+            ),
+            text_config=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99
+            ),
+        )
+    )
     clip.save_pretrained(vis_dir)
 
-    spec = ModelSpec(vision=VisionSpec(type="clip", pretrained=str(vis_dir), feature_layer=-2),
-                     text=TextSpec(pretrained=str(llm_dir)))
+    spec = ModelSpec(
+        vision=VisionSpec(type="clip", pretrained=str(vis_dir), feature_layer=-2),
+        text=TextSpec(pretrained=str(llm_dir)),
+    )
     model, processor = build_vlm(spec)
     lm = model.model.language_model
     # Pretrained weights arrived; new tokens got embedding rows; ties kept.
     assert torch.equal(lm.layers[0].self_attn.q_proj.weight, llm.model.layers[0].self_attn.q_proj.weight)
-    assert torch.equal(model.model.vision_tower.embeddings.patch_embedding.weight,
-                       clip.vision_model.embeddings.patch_embedding.weight)
+    assert torch.equal(
+        model.model.vision_tower.embeddings.patch_embedding.weight, clip.vision_model.embeddings.patch_embedding.weight
+    )
     assert lm.embed_tokens.num_embeddings == len(processor.tokenizer) > len(tok)
     assert torch.equal(lm.embed_tokens.weight[: len(tok)], llm.model.embed_tokens.weight)
     assert model.lm_head.weight.data_ptr() == lm.embed_tokens.weight.data_ptr()
@@ -122,8 +144,16 @@ def test_missing_tokenizer_is_a_user_error(tmp_path):
 
 def test_vision_tower_size_mismatch_is_refused(tmp_path, tok_dir):
     vis_dir = tmp_path / "vision"
-    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, image_size=32, patch_size=16)).save_pretrained(vis_dir)
+    SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=16,
+        )
+    ).save_pretrained(vis_dir)
     from transformers import SiglipImageProcessorPil
 
     SiglipImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(vis_dir)

@@ -17,9 +17,20 @@ from modistill.upcycle import upcycle
 
 def _bare_moe():
     torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=50, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1])
+    cfg = Qwen3MoeConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+    )
     model = Qwen3MoeForCausalLM(cfg).eval()
     with torch.no_grad():
         for block in (model.model.layers[0].mlp, model.model.layers[2].mlp):

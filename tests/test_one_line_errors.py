@@ -31,8 +31,9 @@ def _damage(path, how: str) -> None:
         path.write_bytes(struct.pack("<Q", 1 << 40) + data[8:])
 
 
-@pytest.mark.parametrize("how, why", [("truncated", "truncated: the tensors need"), ("empty", "0 bytes"),
-                                      ("header", "the header claims")])
+@pytest.mark.parametrize(
+    "how, why", [("truncated", "truncated: the tensors need"), ("empty", "0 bytes"), ("header", "the header claims")]
+)
 def test_a_damaged_safetensors_file_is_one_line_in_info_train_and_eval(tmp_path, tiny_vlm_dir, capsys, how, why):
     model = tmp_path / "model"
     shutil.copytree(tiny_vlm_dir, model)
@@ -64,12 +65,15 @@ def test_a_pickled_checkpoint_is_refused_with_the_fix(tmp_path, tiny_vlm_dir, ca
     assert "convert it to safetensors" in lines[0]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.learning_rate=-1", "train: learning_rate: -1.0: must be >= 0"),
-    ("train.per_device_train_batch_size=0", "train: per_device_train_batch_size: 0: must be >= 1"),
-    ("train.max_steps=0", "train: max_steps: 0: give a positive number of steps, or -1 (use num_train_epochs)"),
-    ("data.max_length=0", "data: max_length: 0: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learning_rate=-1", "train: learning_rate: -1.0: must be >= 0"),
+        ("train.per_device_train_batch_size=0", "train: per_device_train_batch_size: 0: must be >= 1"),
+        ("train.max_steps=0", "train: max_steps: 0: give a positive number of steps, or -1 (use num_train_epochs)"),
+        ("data.max_length=0", "data: max_length: 0: must be >= 1"),
+    ],
+)
 def test_bad_numbers_are_refused_at_config_time(tmp_path, capsys, override, message):
     config = tmp_path / "s.yaml"
     # The student and data do not exist: the error must come before anything is loaded.

@@ -8,10 +8,10 @@ import shutil
 import pytest
 
 from modistill.cli import main
-from modistill.scenes.build import build_world
-from modistill.scenes.world import WorldConfig
 from modistill.errors import UserError
 from modistill.io import MARKER, atomic_output_dir, is_ours
+from modistill.scenes.build import build_world
+from modistill.scenes.world import WorldConfig
 
 
 def test_overwrite_refuses_a_directory_modistill_did_not_write(tmp_path):

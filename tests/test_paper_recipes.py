@@ -27,14 +27,32 @@ def tiny_parts(tmp_path_factory):
     full = tiny_tokenizer()
     tok = PreTrainedTokenizerFast(tokenizer_object=full.backend_tokenizer, eos_token="<|im_end|>")
     torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(root / "llm")
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(root / "llm")
     tok.save_pretrained(root / "llm")
-    CLIPModel(CLIPConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                           image_size=32, patch_size=16),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99),
-    )).save_pretrained(root / "clip")
+    CLIPModel(
+        CLIPConfig(
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=16,
+            ),
+            text_config=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99
+            ),
+        )
+    ).save_pretrained(root / "clip")
     return root
 
 
@@ -65,8 +83,13 @@ def test_recipe_matches_the_method_table(variant):
 @pytest.mark.parametrize("variant", ["llava-mod-2b", "llava-mod-0.5b"])
 def test_recipe_builds_with_tiny_parts(variant, tiny_parts, tmp_path):
     d = CONFIGS / variant
-    s0 = load_stage_config(d / "stage0_align.yaml", [f"student.build.vision.pretrained={tiny_parts / 'clip'}",
-                                                     f"student.build.text.pretrained={tiny_parts / 'llm'}"])
+    s0 = load_stage_config(
+        d / "stage0_align.yaml",
+        [
+            f"student.build.vision.pretrained={tiny_parts / 'clip'}",
+            f"student.build.text.pretrained={tiny_parts / 'llm'}",
+        ],
+    )
     student, processor = load_student(s0.student)
     assert student.config.vision_feature_layer == -2
     assert student.config.vision_feature_select_strategy == "default"  # CLIP: CLS dropped

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from photos import GRACE_HOPPER, photo_variants
 from modistill.cli import main
 from modistill.data.images import open_rgb
 from modistill.eval.generate import load_image
+from photos import GRACE_HOPPER, photo_variants
 
 pytestmark = pytest.mark.real
 
@@ -51,9 +51,14 @@ def _dataset(photos, tmp_path) -> str:
     for name, path in photos.items():
         shutil.copy(path, root / f"{name}{path.suffix}")
     rows = [
-        {"id": f"photo-{name}", "image": f"{name}{path.suffix}",
-         "conversations": [{"from": "human", "value": "<image>\nWho is this?"},
-                           {"from": "gpt", "value": "a red circle and a blue square"}]}
+        {
+            "id": f"photo-{name}",
+            "image": f"{name}{path.suffix}",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWho is this?"},
+                {"from": "gpt", "value": "a red circle and a blue square"},
+            ],
+        }
         for name, path in sorted(photos.items())
     ]
     data = tmp_path / "photos.json"
@@ -63,17 +68,45 @@ def _dataset(photos, tmp_path) -> str:
 
 def test_photos_of_every_mode_check_and_train(photos, tiny_vlm_dir, tmp_path, capsys):
     data = _dataset(photos, tmp_path)
-    assert main(["data", "check", data, "--model", str(tiny_vlm_dir), "--max-length", "96",
-                 "--image-root", str(tmp_path / "images")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "check",
+                data,
+                "--model",
+                str(tiny_vlm_dir),
+                "--max-length",
+                "96",
+                "--image-root",
+                str(tmp_path / "images"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     n = len(photos)
     assert "problems: none" in out and f"samples: {n} kept of {n} read ({n} with images" in out
     config = {
-        "stage": "align", "output_dir": str(tmp_path / "stage0"), "student": {"path": str(tiny_vlm_dir)},
-        "data": {"train": [data], "image_root": str(tmp_path / "images"), "max_length": 96,
-                 "cache_dir": str(tmp_path / "cache")},
-        "train": {"learning_rate": 1e-2, "max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1,
-                  "save_steps": 100, "disable_tqdm": True, "warmup_steps": 0, "lr_scheduler_type": "constant"},
+        "stage": "align",
+        "output_dir": str(tmp_path / "stage0"),
+        "student": {"path": str(tiny_vlm_dir)},
+        "data": {
+            "train": [data],
+            "image_root": str(tmp_path / "images"),
+            "max_length": 96,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "train": {
+            "learning_rate": 1e-2,
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "logging_steps": 1,
+            "save_steps": 100,
+            "disable_tqdm": True,
+            "warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+        },
     }
     (tmp_path / "stage0.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", str(tmp_path / "stage0.yaml")]) == 0

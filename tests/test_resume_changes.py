@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 from modistill.errors import UserError
-from modistill.stages import run_stage
 from modistill.runtime.resume import RUNTIME_FILE
 from modistill.runtime.rundir import RunDir
+from modistill.stages import run_stage
 from modistill.stages.align import CETrainer
 from test_train_stages import stage_config
 
@@ -26,8 +26,9 @@ def world_copy(tmp_path, scenes_world):
 
 
 def _cfg(out, world, student_dir, lr=1e-2):
-    return stage_config("align", out, {"path": str(student_dir)}, world,
-                        train={"max_steps": 3, "save_steps": 1, "learning_rate": lr})
+    return stage_config(
+        "align", out, {"path": str(student_dir)}, world, train={"max_steps": 3, "save_steps": 1, "learning_rate": lr}
+    )
 
 
 def _crash_in_step(monkeypatch, n: int):
@@ -83,8 +84,11 @@ def test_a_finished_stage_rerun_with_another_config_is_an_error(tmp_path, world_
     first = run_stage(_cfg(out, world_copy, student_dir))
     assert run_stage(_cfg(out, world_copy, student_dir)) == first  # same config: the stored result
     assert "stage already finished" in capsys.readouterr().out
-    with pytest.raises(UserError, match=r"already finished with another config or data "
-                                        r"\(train.learning_rate: 0.01 -> 0.001\); pass --fresh"):
+    with pytest.raises(
+        UserError,
+        match=r"already finished with another config or data "
+        r"\(train.learning_rate: 0.01 -> 0.001\); pass --fresh",
+    ):
         run_stage(_cfg(out, world_copy, student_dir, lr=1e-3))
     assert run_stage(_cfg(out, world_copy, student_dir, lr=1e-3), fresh=True)["steps"] == 3
 

@@ -29,8 +29,7 @@ def test_entropy_on_hand_made_logits():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0], [math.log(3), 0.0, -1e9, -1e9]])
     ent = token_entropy(logits)
     # uniform over 4: log 4; one-hot: 0; (3/4, 1/4): -(3/4 log 3/4 + 1/4 log 1/4).
-    assert ent.tolist() == pytest.approx([math.log(4), 0.0, -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))],
-                                         abs=1e-5)
+    assert ent.tolist() == pytest.approx([math.log(4), 0.0, -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))], abs=1e-5)
     assert router_entropy(logits) == pytest.approx(float(ent.mean()), abs=1e-6)
     assert router_entropy(logits, torch.tensor([1, 1, 0])) == pytest.approx(math.log(4) / 2, abs=1e-5)
 
@@ -67,10 +66,17 @@ def test_monitor_on_an_upcycled_model(student_dir):
     assert monitor.logs()["router/L0/topk_changed"] == 1.0
 
 
-def test_stage_1b_logs_router_metrics_and_stage_2_compares_with_upcycling(tmp_path, scenes_world, teacher_dir,
-                                                                           student_dir):
-    cfg = stage_config("mimic_sparse", tmp_path / "s1b", {"path": str(student_dir)}, scenes_world,
-                       teacher=teacher_dir, upcycle={"num_experts": 4, "top_k": 2, "seed": 3})
+def test_stage_1b_logs_router_metrics_and_stage_2_compares_with_upcycling(
+    tmp_path, scenes_world, teacher_dir, student_dir
+):
+    cfg = stage_config(
+        "mimic_sparse",
+        tmp_path / "s1b",
+        {"path": str(student_dir)},
+        scenes_world,
+        teacher=teacher_dir,
+        upcycle={"num_experts": 4, "top_k": 2, "seed": 3},
+    )
     run_stage(cfg)
     logs = [h for h in json.loads((tmp_path / "s1b" / "log_history.json").read_text()) if "loss" in h]
     for key in ("router/L0/entropy", "router/L0/dead_experts", "router/L0/topk_changed", "router/entropy"):
@@ -80,8 +86,14 @@ def test_stage_1b_logs_router_metrics_and_stage_2_compares_with_upcycling(tmp_pa
     saved = load_routers(tmp_path / "s1b" / ROUTERS_FILE)
     initial = upcycle(load_model(student_dir).model, 4, 2, "every-other", seed=3)
     assert torch.equal(saved[0], initial.model.language_model.layers[0].mlp.gate.weight.detach())
-    cfg = stage_config("preference", tmp_path / "s2", {"path": str(tmp_path / "s1b")}, scenes_world,
-                       teacher=teacher_dir, loss={"beta": 0.1})
+    cfg = stage_config(
+        "preference",
+        tmp_path / "s2",
+        {"path": str(tmp_path / "s1b")},
+        scenes_world,
+        teacher=teacher_dir,
+        loss={"beta": 0.1},
+    )
     run_stage(cfg)
     logs2 = [h for h in json.loads((tmp_path / "s2" / "log_history.json").read_text()) if "loss" in h]
     # Compared with the routers at upcycling, stage 2 starts where stage 1b's drift ended (not at 0).

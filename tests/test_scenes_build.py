@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 
+from modistill.errors import UserError
 from modistill.scenes.build import add_scenes_arguments, build_world, run_scenes_command
 from modistill.scenes.oracle import score_caption
 from modistill.scenes.world import Scene, WorldConfig
-from modistill.errors import UserError
 
 
 def _jsonl(path):
@@ -27,8 +27,17 @@ def world_dir(tmp_path_factory):
 
 def test_build_writes_the_promised_files(world_dir):
     out, summary = world_dir
-    for rel in ("train.json", "train_scenes.jsonl", "prefs.json", "world.json", "eval/vqa.jsonl", "eval/pope.jsonl",
-                "eval/captions.jsonl", "eval/scenes.jsonl", "tokenizer/tokenizer.json"):
+    for rel in (
+        "train.json",
+        "train_scenes.jsonl",
+        "prefs.json",
+        "world.json",
+        "eval/vqa.jsonl",
+        "eval/pope.jsonl",
+        "eval/captions.jsonl",
+        "eval/scenes.jsonl",
+        "tokenizer/tokenizer.json",
+    ):
         assert (out / rel).is_file(), rel
     assert not list(out.parent.glob(".world.*"))  # no temporary directory left behind
     train = json.loads((out / "train.json").read_text())
@@ -70,7 +79,14 @@ def test_sidecars_give_the_oracle_the_truth(world_dir):
 
 def _digest(out):
     h = hashlib.sha256()
-    for rel in ("train.json", "prefs.json", "eval/vqa.jsonl", "eval/pope.jsonl", "eval/captions.jsonl", "tokenizer/tokenizer.json"):
+    for rel in (
+        "train.json",
+        "prefs.json",
+        "eval/vqa.jsonl",
+        "eval/pope.jsonl",
+        "eval/captions.jsonl",
+        "tokenizer/tokenizer.json",
+    ):
         h.update((out / rel).read_bytes())
     for png in sorted((out / "images").glob("*.png")):
         h.update(png.read_bytes())
@@ -103,12 +119,29 @@ def test_refuses_a_non_empty_out_dir_unless_overwrite(tmp_path):
 def test_cli_command(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_scenes_arguments(parser)
-    args = parser.parse_args(["--out", str(tmp_path / "w"), "--seed", "3", "--n-train", "50", "--n-test", "8",
-                              "--caption-noise", "0.5", "--set", "max_objects=2", "--no-progress"])
+    args = parser.parse_args(
+        [
+            "--out",
+            str(tmp_path / "w"),
+            "--seed",
+            "3",
+            "--n-train",
+            "50",
+            "--n-test",
+            "8",
+            "--caption-noise",
+            "0.5",
+            "--set",
+            "max_objects=2",
+            "--no-progress",
+        ]
+    )
     assert run_scenes_command(args) == 0
     assert "50 training samples" in capsys.readouterr().out
     world = json.loads((tmp_path / "w" / "world.json").read_text())
-    assert world["config"]["caption_noise"] == 0.5 and world["config"]["max_objects"] == 2 and world["config"]["seed"] == 3
+    assert (
+        world["config"]["caption_noise"] == 0.5 and world["config"]["max_objects"] == 2 and world["config"]["seed"] == 3
+    )
     bad = parser.parse_args(["--out", str(tmp_path / "v"), "--set", "grid=7"])
     with pytest.raises(UserError, match="grid"):
         run_scenes_command(bad)

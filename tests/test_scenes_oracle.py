@@ -77,7 +77,11 @@ def test_caption_metrics_count_garbage_as_failure():
 
 
 def test_ground_truth_captions_of_every_style_and_grid_are_faithful_and_complete():
-    for cfg in (WorldConfig(), WorldConfig(image_size=40, grid=2, max_objects=4), WorldConfig(image_size=60, grid=5, max_objects=9)):
+    for cfg in (
+        WorldConfig(),
+        WorldConfig(image_size=40, grid=2, max_objects=4),
+        WorldConfig(image_size=60, grid=5, max_objects=9),
+    ):
         world = World(cfg)
         rng = random.Random(0)
         for _ in range(100):

@@ -7,7 +7,14 @@ from collections import Counter
 import pytest
 
 from modistill.scenes.oracle import score_caption
-from modistill.scenes.text import CAPTION_PROMPTS, NUMBER_WORDS, caption_style_of, pope_questions, training_sample, vqa_questions
+from modistill.scenes.text import (
+    CAPTION_PROMPTS,
+    NUMBER_WORDS,
+    caption_style_of,
+    pope_questions,
+    training_sample,
+    vqa_questions,
+)
 from modistill.scenes.world import KindStats, World, WorldConfig, position_phrase
 
 
@@ -63,7 +70,9 @@ def test_sample_format_and_task_mix():
         n_multi += len(conv) > 2
         for prompt, answer in _turns(sample):
             assert answer and answer == answer.lower() and not answer.endswith(".")
-            kinds["caption" if caption_style_of(prompt) else "exists" if prompt.startswith("Is there") else "other"] += 1
+            kinds[
+                "caption" if caption_style_of(prompt) else "exists" if prompt.startswith("Is there") else "other"
+            ] += 1
     total = sum(kinds.values())
     assert n_multi / len(samples) == pytest.approx(cfg.multi_turn, abs=0.04)
     mix = cfg.task_mix
@@ -106,7 +115,11 @@ def _check_answer(scene, question, answer, qtype):
             hits = [o for o in objs if word in (o.colour, o.shape)]
         return len(hits) == 1 and getattr(hits[0], qtype) == answer
     if qtype == "compare":
-        m = re.fullmatch(r"(?:Is|Are) the (\w+ \w+) (?:and the |larger than the |to the left of the |above the )(\w+ \w+)(?: the same size)?\?", question)
+        m = re.fullmatch(
+            r"(?:Is|Are) the (\w+ \w+) (?:and the |larger than the |to the left of the |above the )(\w+ "
+            r"\w+)(?: the same size)?\?",
+            question,
+        )
         a, b = (next(o for o in objs if o.kind == tuple(x.split())) for x in m.groups())
         truth = {
             "larger": a.size == "large" and b.size == "small",

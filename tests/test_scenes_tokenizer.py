@@ -6,10 +6,10 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
+from modistill.models.chat import CHATML_TEMPLATE
 from modistill.scenes.text import CAPTION_PROMPTS, QUESTION_TYPES, caption, make_question, training_sample
 from modistill.scenes.tokenizer import chat_text, train_tokenizer
 from modistill.scenes.world import CAPTION_TASKS, COL_WORDS, ROW_WORDS, World, WorldConfig
-from modistill.models.chat import CHATML_TEMPLATE
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +40,20 @@ def test_special_tokens_are_single_ids(tok):
 
 
 def test_chat_template_renders_chatml_and_round_trips(tok):
-    messages = [{"role": "user", "content": "<image>\nDescribe the image."}, {"role": "assistant", "content": "a red circle"}]
+    messages = [
+        {"role": "user", "content": "<image>\nDescribe the image."},
+        {"role": "assistant", "content": "a red circle"},
+    ]
     assert tok.chat_template == CHATML_TEMPLATE
     text = tok.apply_chat_template(messages, tokenize=False)
-    expected = "<|im_start|>user\n<image>\nDescribe the image.<|im_end|>\n<|im_start|>assistant\na red circle<|im_end|>\n"
+    expected = (
+        "<|im_start|>user\n<image>\nDescribe the image.<|im_end|>\n<|im_start|>assistant\na red circle<|im_end|>\n"
+    )
     assert text == expected
-    assert chat_text([{"from": "human", "value": messages[0]["content"]}, {"from": "gpt", "value": "a red circle"}]) == expected
+    assert (
+        chat_text([{"from": "human", "value": messages[0]["content"]}, {"from": "gpt", "value": "a red circle"}])
+        == expected
+    )
     ids = tok(text)["input_ids"]
     assert tok.decode(ids) == text
     assert ids.count(tok.image_token_id) == 1 and ids.count(tok.eos_token_id) == 2

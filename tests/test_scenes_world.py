@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from modistill.config import from_dict
+from modistill.errors import UserError
 from modistill.scenes.render import image_rng, render_scene
 from modistill.scenes.world import PALETTE, SHAPES, KindStats, Scene, World, WorldConfig
-from modistill.errors import UserError
 
 
 def _canon(scenes):
@@ -37,7 +37,11 @@ def test_train_and_test_scene_graphs_are_disjoint():
     s = test[0]
     assert Scene(s.objects, s.grid, (1, 2, 3)).canonical() == s.canonical()
     o = s.objects[0]
-    moved = Scene((type(o)(o.colour, o.shape, "large" if o.size == "small" else "small", o.row, o.col),) + s.objects[1:], s.grid, s.background)
+    moved = Scene(
+        (type(o)(o.colour, o.shape, "large" if o.size == "small" else "small", o.row, o.col),) + s.objects[1:],
+        s.grid,
+        s.background,
+    )
     assert moved.canonical() != s.canonical()
 
 
@@ -49,8 +53,12 @@ def _nearest(pixel, candidates):
     "cfg",
     [
         WorldConfig(),
-        WorldConfig(image_size=64, grid=4, colours=list(PALETTE)[:6], shapes=list(SHAPES), max_objects=8, pixel_noise=10.0),
-        WorldConfig(image_size=40, grid=5, colours=["red", "blue", "white", "black"], shapes=["cross", "diamond"], max_objects=6),
+        WorldConfig(
+            image_size=64, grid=4, colours=list(PALETTE)[:6], shapes=list(SHAPES), max_objects=8, pixel_noise=10.0
+        ),
+        WorldConfig(
+            image_size=40, grid=5, colours=["red", "blue", "white", "black"], shapes=["cross", "diamond"], max_objects=6
+        ),
     ],
 )
 def test_rendered_cell_centres_hold_the_scene_graph(cfg):

@@ -24,8 +24,16 @@ def stage_config(stage: str, out, student: dict, world, teacher=None, **sections
         "output_dir": str(out),
         "student": student,
         "data": {"train": [str(world / data_file)], "max_length": 96, "cache_dir": str(out) + "-data"},
-        "train": {"learning_rate": 1e-2, "max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1,
-                  "save_steps": 100, "disable_tqdm": True, "warmup_steps": 0, "lr_scheduler_type": "constant"},
+        "train": {
+            "learning_rate": 1e-2,
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "logging_steps": 1,
+            "save_steps": 100,
+            "disable_tqdm": True,
+            "warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+        },
     }
     if teacher is not None:
         cfg["teacher"] = {"path": str(teacher)}
@@ -62,13 +70,21 @@ LLM = {"embeddings", "attention", "norms", "dense_mlp", "lm_head"}
 
 @pytest.mark.parametrize(
     "stage,loss,expected",
-    [("align", {}, {"projector"}),
-     ("sft", {}, {"projector"} | LLM),
-     ("mimic_dense", {"kd_weight": 1.0}, {"projector"} | LLM)],
+    [
+        ("align", {}, {"projector"}),
+        ("sft", {}, {"projector"} | LLM),
+        ("mimic_dense", {"kd_weight": 1.0}, {"projector"} | LLM),
+    ],
 )
 def test_dense_stages_train_only_their_groups(stage, loss, expected, tmp_path, scenes_world, teacher_dir, student_dir):
-    cfg = stage_config(stage, tmp_path / stage, {"path": str(student_dir)}, scenes_world,
-                       teacher=teacher_dir if stage == "mimic_dense" else None, loss=loss)
+    cfg = stage_config(
+        stage,
+        tmp_path / stage,
+        {"path": str(student_dir)},
+        scenes_world,
+        teacher=teacher_dir if stage == "mimic_dense" else None,
+        loss=loss,
+    )
     metrics = run_stage(cfg)
     assert metrics["steps"] == 2
     _assert_only_groups_changed(_weights(student_dir), _weights(tmp_path / stage), expected, set())
@@ -80,9 +96,15 @@ def test_dense_stages_train_only_their_groups(stage, loss, expected, tmp_path, s
 
 
 def test_sparse_stage_trains_experts_routers_and_dense_ffns(tmp_path, scenes_world, teacher_dir, student_dir):
-    cfg = stage_config("mimic_sparse", tmp_path / "s1b", {"path": str(student_dir)}, scenes_world,
-                       teacher=teacher_dir, upcycle={"num_experts": 4, "top_k": 2, "seed": 3},
-                       loss={"kd_weight": 1.0, "ce_weight": 1.0, "balance_coef": 0.01})
+    cfg = stage_config(
+        "mimic_sparse",
+        tmp_path / "s1b",
+        {"path": str(student_dir)},
+        scenes_world,
+        teacher=teacher_dir,
+        upcycle={"num_experts": 4, "top_k": 2, "seed": 3},
+        loss={"kd_weight": 1.0, "ce_weight": 1.0, "balance_coef": 0.01},
+    )
     run_stage(cfg)
     initial = upcycle(load_model(student_dir).model, 4, 2, "every-other", seed=3)
     before = {n: p.detach().clone() for n, p in initial.named_parameters()}
@@ -101,28 +123,42 @@ def test_preference_stage_trains_only_its_groups(tmp_path, scenes_world, teacher
     loaded = load_model(student_dir)
     upcycle(loaded.model, seed=0).save_pretrained(moe_dir)
     loaded.processor.save_pretrained(moe_dir)
-    cfg = stage_config("preference", tmp_path / "s2", {"path": str(moe_dir)}, scenes_world, teacher=teacher_dir,
-                       loss={"beta": 0.1})
+    cfg = stage_config(
+        "preference", tmp_path / "s2", {"path": str(moe_dir)}, scenes_world, teacher=teacher_dir, loss={"beta": 0.1}
+    )
     run_stage(cfg)
-    _assert_only_groups_changed(_weights(moe_dir), _weights(tmp_path / "s2"),
-                                {"projector", "dense_mlp", "experts", "routers"}, {0})
+    _assert_only_groups_changed(
+        _weights(moe_dir), _weights(tmp_path / "s2"), {"projector", "dense_mlp", "experts", "routers"}, {0}
+    )
     logs = [h for h in json.loads((tmp_path / "s2" / "log_history.json").read_text()) if "loss" in h]
     assert {"rewards/margin", "rewards/accuracy", "balance"} <= set(logs[0])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sparse", [False, True])
-def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, scenes_world, teacher_dir, student_dir,
-                                                               monkeypatch, sparse):
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
+    tmp_path, scenes_world, teacher_dir, student_dir, monkeypatch, sparse
+):
     # MoE checkpoints are saved with per-expert legacy names: resume must convert them back.
     extra = {"upcycle": {"num_experts": 4, "top_k": 2}} if sparse else {}
 
     def cfg(out):
-        return stage_config("mimic_sparse" if sparse else "mimic_dense", out, {"path": str(student_dir)},
-                            scenes_world, teacher=teacher_dir, **extra,
-                            loss={"kd_weight": 1.0, "ce_weight": 0.5},
-                            train={"max_steps": 6, "save_steps": 2, "learning_rate": 3e-3,
-                                   "lr_scheduler_type": "cosine", "warmup_steps": 1})
+        return stage_config(
+            "mimic_sparse" if sparse else "mimic_dense",
+            out,
+            {"path": str(student_dir)},
+            scenes_world,
+            teacher=teacher_dir,
+            **extra,
+            loss={"kd_weight": 1.0, "ce_weight": 0.5},
+            train={
+                "max_steps": 6,
+                "save_steps": 2,
+                "learning_rate": 3e-3,
+                "lr_scheduler_type": "cosine",
+                "warmup_steps": 1,
+            },
+        )
 
     run_stage(cfg(tmp_path / "full"))
     reference = _weights(tmp_path / "full")
@@ -155,10 +191,20 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, scenes_
 
 def test_gradient_accumulation_does_not_change_the_update(tmp_path, scenes_world, teacher_dir, student_dir):
     def run(out, batch, accumulation):
-        cfg = stage_config("mimic_dense", out, {"path": str(student_dir)}, scenes_world, teacher=teacher_dir,
-                           loss={"kd_weight": 1.0, "ce_weight": 0.3},
-                           train={"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation,
-                                  "max_grad_norm": 1e9, "learning_rate": 1e-3})
+        cfg = stage_config(
+            "mimic_dense",
+            out,
+            {"path": str(student_dir)},
+            scenes_world,
+            teacher=teacher_dir,
+            loss={"kd_weight": 1.0, "ce_weight": 0.3},
+            train={
+                "per_device_train_batch_size": batch,
+                "gradient_accumulation_steps": accumulation,
+                "max_grad_norm": 1e9,
+                "learning_rate": 1e-3,
+            },
+        )
         run_stage(cfg)
         logs = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
         return logs, _weights(out)
@@ -223,5 +269,8 @@ def test_final_checkpoint_loads_as_plain_transformers(tmp_path, scenes_world, st
     state = load_file(str(tmp_path / "s0" / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in state.values())
     metrics = json.loads((tmp_path / "s0" / "metrics.json").read_text())
-    assert metrics["trainable"] == {"projector": sum(
-        p.numel() for n, p in load_model(student_dir).model.named_parameters() if "multi_modal_projector" in n)}
+    assert metrics["trainable"] == {
+        "projector": sum(
+            p.numel() for n, p in load_model(student_dir).model.named_parameters() if "multi_modal_projector" in n
+        )
+    }

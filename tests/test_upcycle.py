@@ -21,8 +21,15 @@ from modistill.upcycle import upcycle
 
 
 def _dense_lm(text_type: str, layers: int = 3, tie: bool = False):
-    spec = TextSpec(type=text_type, hidden_size=32, intermediate_size=64, num_layers=layers, num_heads=4,
-                    num_kv_heads=2, tie_word_embeddings=tie)
+    spec = TextSpec(
+        type=text_type,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=layers,
+        num_heads=4,
+        num_kv_heads=2,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(text_config_from_spec(spec, vocab_size=97)).eval()
     # Norm weights start at 1; perturb every parameter so the identity is not an accident of init.
@@ -34,8 +41,12 @@ def _dense_lm(text_type: str, layers: int = 3, tie: bool = False):
 
 @pytest.mark.parametrize(
     "text_type,layers,expected_cls",
-    [("qwen3", "every-other", "Qwen3MoeForCausalLM"), ("qwen2", "every-other", "Qwen2MoeForCausalLM"),
-     ("llama", "all", "MixtralForCausalLM"), ("mistral", "all", "MixtralForCausalLM")],
+    [
+        ("qwen3", "every-other", "Qwen3MoeForCausalLM"),
+        ("qwen2", "every-other", "Qwen2MoeForCausalLM"),
+        ("llama", "all", "MixtralForCausalLM"),
+        ("mistral", "all", "MixtralForCausalLM"),
+    ],
 )
 def test_upcycled_causal_lm_computes_the_dense_function(text_type, layers, expected_cls):
     dense = _dense_lm(text_type)
@@ -109,8 +120,19 @@ def test_bad_arguments_are_refused():
 @pytest.mark.slow
 def test_cli_output_reloads_without_modistill_and_generates(tiny_vlm_dir, tmp_path):
     out = tmp_path / "moe"
-    result = run_cli("upcycle", "--model", str(tiny_vlm_dir), "--out", str(out), "--num-experts", "4",
-                     "--top-k", "2", "--layers", "every-other")
+    result = run_cli(
+        "upcycle",
+        "--model",
+        str(tiny_vlm_dir),
+        "--out",
+        str(out),
+        "--num-experts",
+        "4",
+        "--top-k",
+        "2",
+        "--layers",
+        "every-other",
+    )
     assert result.returncode == 0, result.stderr
     assert "activated" in result.stdout
     assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
@@ -146,8 +168,15 @@ def _write_gpt2(path):
 
 @pytest.mark.parametrize(
     "case,expected",
-    [("missing", "no such directory"), ("noconfig", "no config.json"), ("gpt2", "'gpt2'"),
-     ("topk", "--top-k 5"), ("experts", "at least 2"), ("layers", "out of range"), ("nonempty", "--overwrite")],
+    [
+        ("missing", "no such directory"),
+        ("noconfig", "no config.json"),
+        ("gpt2", "'gpt2'"),
+        ("topk", "--top-k 5"),
+        ("experts", "at least 2"),
+        ("layers", "out of range"),
+        ("nonempty", "--overwrite"),
+    ],
 )
 def test_cli_bad_input_is_one_line_without_traceback(case, expected, tiny_vlm_dir, tmp_path):
     model, out, extra = str(tiny_vlm_dir), tmp_path / "out", []

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from modistill.errors import UserError
 
@@ -21,7 +22,7 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
 
     # Refuse bad requests before the (possibly long) load of the weights.
     # --overwrite replaces only an earlier upcycle output, never the source model or a folder holding it.
-    out_rules = {"inputs": [args.model], "legacy": ("upcycle.json",), "kind": "upcycled-model"}
+    out_rules: dict[str, Any] = {"inputs": [args.model], "legacy": ("upcycle.json",), "kind": "upcycled-model"}
     check_output_dir(args.out, args.overwrite, **out_rules)
     config = model_io.load_config(args.model, args.trust_remote_code)
     model_io.check_supported(config, args.model)
@@ -34,8 +35,14 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
         processor = copy_processor_files(args.model, tmp, args.trust_remote_code)
         write_json_atomic(
             tmp / "upcycle.json",
-            {"source": str(args.model), "num_experts": args.num_experts, "top_k": args.top_k,
-             "layers": args.layers, "router_std": args.router_std, "seed": args.seed},
+            {
+                "source": str(args.model),
+                "num_experts": args.num_experts,
+                "top_k": args.top_k,
+                "layers": args.layers,
+                "router_std": args.router_std,
+                "seed": args.seed,
+            },
         )
     from modistill.info import describe, format_info
 
@@ -107,13 +114,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="run a training stage from a YAML config (align, sft, mimic_dense, mimic_sparse, preference)")
+    p = sub.add_parser(
+        "train", help="run a training stage from a YAML config (align, sft, mimic_dense, mimic_sparse, preference)"
+    )
     p.add_argument("config", help="stage YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.learning_rate=1e-5")
     p.add_argument("--fresh", action="store_true", help="discard this stage's previous run and start over")
-    p.add_argument("--resume-with-changes", action="store_true",
-                   help="resume from the last checkpoint although the config or data changed "
-                        "(e.g. a lower learning rate)")
+    p.add_argument(
+        "--resume-with-changes",
+        action="store_true",
+        help="resume from the last checkpoint although the config or data changed (e.g. a lower learning rate)",
+    )
     p.set_defaults(func=_cmd_train)
 
 
@@ -139,7 +150,9 @@ def _add_data(sub) -> None:
     p = sub.add_parser("data", help="datasets: generate the scenes world, check a dataset")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     data_sub.required = True
-    scenes = data_sub.add_parser("scenes", help="generate the built-in scenes world (images, data, eval sets, tokenizer)")
+    scenes = data_sub.add_parser(
+        "scenes", help="generate the built-in scenes world (images, data, eval sets, tokenizer)"
+    )
     add_scenes_arguments(scenes)
     scenes.set_defaults(func=run_scenes_command)
     check = data_sub.add_parser("check", help="validate a dataset before a long run")
@@ -183,8 +196,9 @@ def _add_demo(sub) -> None:
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from modistill.demo.ablate import run_ablation
 
-    run_ablation(args.out, seeds=args.seeds, quick=args.quick, docs=args.docs, progress=not args.no_progress,
-                 only=args.only)
+    run_ablation(
+        args.out, seeds=args.seeds, quick=args.quick, docs=args.docs, progress=not args.no_progress, only=args.only
+    )
     return 0
 
 
@@ -195,14 +209,26 @@ def _add_ablate(sub) -> None:
     p.add_argument("--quick", action="store_true", help="the demo's --quick sizes (a smoke run, not a result)")
     p.add_argument("--docs", default="docs", help="also write ablations.md/json/png here ('' to skip)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--only", choices=["paper", "onpolicy"], default="paper",
-                   help="paper: the paper's claims; onpolicy: on-policy distillation (λ = 0, 0.5, 1) and drafters")
+    p.add_argument(
+        "--only",
+        choices=["paper", "onpolicy"],
+        default="paper",
+        help="paper: the paper's claims; onpolicy: on-policy distillation (λ = 0, 0.5, 1) and drafters",
+    )
     p.set_defaults(func=_cmd_ablate)
 
 
 # Sub-commands are registered by small functions so that each module keeps its own arguments.
 REGISTRARS: list[Callable] = [
-    _add_demo, _add_ablate, _add_upcycle, _add_info, _add_train, _add_cache_teacher, _add_data, _add_eval, _add_smoke,
+    _add_demo,
+    _add_ablate,
+    _add_upcycle,
+    _add_info,
+    _add_train,
+    _add_cache_teacher,
+    _add_data,
+    _add_eval,
+    _add_smoke,
 ]
 
 

@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, cast, Literal, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union, cast
 
 import yaml
 
@@ -75,9 +75,7 @@ def from_dict(cls: type[T], data: Any, source: str = "<config>", _path: str = ""
     unknown = [k for k in data if k not in fields]
     if unknown:
         prefix = f"{_path}." if _path else ""
-        raise UserError(
-            f"{source}: unknown key {prefix}{unknown[0]!r}; valid keys here: {', '.join(sorted(fields))}"
-        )
+        raise UserError(f"{source}: unknown key {prefix}{unknown[0]!r}; valid keys here: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from modistill.moe import language_model, num_experts_of, sparse_blocks, text_config, top_k_of
 
 
@@ -81,7 +79,8 @@ def format_info(info: dict[str, Any]) -> str:
         return f"{n / 1e6:,.2f}M" if n < 1e9 else f"{n / 1e9:,.2f}B"
 
     lines = [
-        f"architecture     {info['architecture']} (text: {info['text_model']}, {info['layers']} layers, hidden {info['hidden_size']}, {info['dtype']})",
+        f"architecture     {info['architecture']} (text: {info['text_model']}, {info['layers']} layers, "
+        f"hidden {info['hidden_size']}, {info['dtype']})",
         f"parameters       total {m(p['total'])} ({p['total']:,}), activated {m(p['activated'])} ({p['activated']:,})",
         f"  by part        vision {m(p['vision'])}, projector {m(p['projector'])}, language {m(p['language'])}",
     ]
@@ -97,6 +96,7 @@ def format_info(info: dict[str, Any]) -> str:
     if "image_tokens" in info:
         lines.append(
             f"vision           {info['vision_model']}, {info['image_size']} px, patch {info['patch_size']}, "
-            f"{info['image_tokens']} image tokens ({info['vision_feature_select_strategy']}, layer {info['vision_feature_layer']})"
+            f"{info['image_tokens']} image tokens ({info['vision_feature_select_strategy']}, layer "
+            f"{info['vision_feature_layer']})"
         )
     return "\n".join(lines)

@@ -13,7 +13,6 @@ from typing import Any
 
 from modistill.errors import UserError
 
-
 # Every directory modistill creates holds this file ({"kind", "version"}); only such a directory
 # (or an empty one) is ever deleted or replaced. Directories from before the marker are recognised
 # by files only modistill writes there (`legacy` names), passed by each kind of output.
@@ -53,13 +52,20 @@ def check_not_input(out: str | Path, inputs: Iterable[str | Path | None]) -> Non
             continue  # a hub id, or an input that is not a local path
         real_in = Path(os.path.realpath(item))
         if real_out == real_in or real_out in real_in.parents or real_in in real_out.parents:
-            raise UserError(f"{out}: the output would contain or be inside the input {item}; choose an output "
-                            f"directory apart from the inputs")
+            raise UserError(
+                f"{out}: the output would contain or be inside the input {item}; choose an output "
+                f"directory apart from the inputs"
+            )
 
 
-def check_output_dir(out: str | Path, overwrite: bool, flag: str = "--overwrite",
-                     inputs: Iterable[str | Path | None] = (), legacy: tuple[str, ...] = (),
-                     kind: str | None = None) -> Path:
+def check_output_dir(
+    out: str | Path,
+    overwrite: bool,
+    flag: str = "--overwrite",
+    inputs: Iterable[str | Path | None] = (),
+    legacy: tuple[str, ...] = (),
+    kind: str | None = None,
+) -> Path:
     """Refuse an existing non-empty output unless overwriting is allowed and the directory is modistill's."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -69,14 +75,22 @@ def check_output_dir(out: str | Path, overwrite: bool, flag: str = "--overwrite"
         if not overwrite:
             raise UserError(f"{out}: output directory exists and is not empty; pass {flag} or choose another path")
         if not is_ours(out, legacy, kind):
-            raise UserError(f"{out}: not a directory modistill wrote as {kind or 'this output'} (see its {MARKER} "
-                            f"file); refusing to replace it with {flag}: choose another path, or remove it yourself")
+            raise UserError(
+                f"{out}: not a directory modistill wrote as {kind or 'this output'} (see its {MARKER} "
+                f"file); refusing to replace it with {flag}: choose another path, or remove it yourself"
+            )
     return out
 
 
 @contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False, flag: str = "--overwrite", kind: str = "output",
-                      inputs: Iterable[str | Path | None] = (), legacy: tuple[str, ...] = ()) -> Iterator[Path]:
+def atomic_output_dir(
+    out: str | Path,
+    overwrite: bool = False,
+    flag: str = "--overwrite",
+    kind: str = "output",
+    inputs: Iterable[str | Path | None] = (),
+    legacy: tuple[str, ...] = (),
+) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it (marked as `kind`) replaces `out`, on failure it is removed.
 
     A crash or an exception part-way leaves `out` as it was (absent, or the previous version). Only a

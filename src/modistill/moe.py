@@ -8,9 +8,8 @@ it once on all layers would pool them instead).
 
 from __future__ import annotations
 
-from typing import Any
-
 import importlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,7 +109,7 @@ class RouterLogitsCollector:
         self._handles.clear()
         self._logits.clear()
 
-    def __enter__(self) -> "RouterLogitsCollector":
+    def __enter__(self) -> RouterLogitsCollector:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -44,8 +44,10 @@ def run_smoke(out: str | Path, seed: int = 0) -> dict:
         "generated_tokens": int(generated.shape[1] - batch["input_ids"].shape[1]),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    print(f"smoke ok: upcycle identity max |Δlogit| = {identity:.1e}, generated {result['generated_tokens']} tokens "
-          f"from the reloaded MoE in {result['seconds']} s; outputs in {out}")
+    print(
+        f"smoke ok: upcycle identity max |Δlogit| = {identity:.1e}, generated {result['generated_tokens']} tokens "
+        f"from the reloaded MoE in {result['seconds']} s; outputs in {out}"
+    )
     return result
 
 

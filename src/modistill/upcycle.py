@@ -59,7 +59,9 @@ TARGETS = {
 }
 
 
-def moe_text_config(dense: PretrainedConfig, num_experts: int, top_k: int, sparse_layers: list[int]) -> PretrainedConfig:
+def moe_text_config(
+    dense: PretrainedConfig, num_experts: int, top_k: int, sparse_layers: list[int]
+) -> PretrainedConfig:
     """The MoE config computing the dense config's function, with `sparse_layers` made sparse."""
     target = TARGETS[dense.model_type]
     for key, value in target.must_be:
@@ -70,9 +72,7 @@ def moe_text_config(dense: PretrainedConfig, num_experts: int, top_k: int, spars
             )
     n = dense.num_hidden_layers
     if target.all_layers_only and sparse_layers != list(range(n)):
-        raise UserError(
-            f"{dense.model_type} upcycles to Mixtral, which makes every layer sparse; use --layers all"
-        )
+        raise UserError(f"{dense.model_type} upcycles to Mixtral, which makes every layer sparse; use --layers all")
     values = dense.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "layer_types", "max_window_layers"):
         if key == "layer_types" and dense.model_type == "qwen2":
@@ -176,7 +176,7 @@ def _upcycled_state_dict(
 ) -> dict[str, torch.Tensor]:
     pattern = re.compile(rf"^{re.escape(lm_prefix)}layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
     out: dict[str, torch.Tensor] = {}
-    ffn: dict[tuple[int, str], torch.Tensor] = {}
+    ffn: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in dense.items():
         match = pattern.match(key)
         if match and int(match.group(1)) in sparse_layers:
@@ -220,10 +220,22 @@ def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 
 # What a processor or tokenizer may have written beside a model (upcycling keeps them unchanged).
 PROCESSOR_FILE_PATTERNS = (
-    "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "additional_chat_templates/*.jinja",
-    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "*.tiktoken",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates/*.jinja",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "*.tiktoken",
 )
 
 

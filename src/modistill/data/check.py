@@ -32,14 +32,27 @@ KINDS = ("auto", "conversations", "preferences")
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", help="data files (JSON list or JSONL)")
     parser.add_argument("--model", required=True, help="saved model directory whose processor renders the data")
-    parser.add_argument("--teacher", default=None,
-                        help="teacher model directory: also check that its rendering gives the same response tokens")
-    parser.add_argument("--kind", choices=KINDS, default="auto",
-                        help="conversations (LLaVA) or preferences (RLAIF-V pairs); auto: from the first sample")
-    parser.add_argument("--image-root", default=None, help="directory relative image paths are resolved against "
-                        "(default: each data file's directory)")
-    parser.add_argument("--allow-outside-root", action="store_true",
-                        help="accept image paths that resolve outside the image root (data.allow_outside_root)")
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher model directory: also check that its rendering gives the same response tokens",
+    )
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="auto",
+        help="conversations (LLaVA) or preferences (RLAIF-V pairs); auto: from the first sample",
+    )
+    parser.add_argument(
+        "--image-root",
+        default=None,
+        help="directory relative image paths are resolved against (default: each data file's directory)",
+    )
+    parser.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="accept image paths that resolve outside the image root (data.allow_outside_root)",
+    )
     parser.add_argument("--max-length", type=int, default=2048, help="truncation length in tokens (default 2048)")
     parser.add_argument("--trust-remote-code", action="store_true")
 
@@ -54,7 +67,7 @@ def load_processor(path: str, trust_remote_code: bool = False) -> Any:
 
 
 def detect_kind(files: list[Path]) -> str:
-    """"preferences" if the first readable sample has chosen/rejected, else "conversations"."""
+    """ "preferences" if the first readable sample has chosen/rejected, else "conversations"."""
     for path in files:
         for rec in iter_records(path):
             if isinstance(rec.data, dict):
@@ -93,10 +106,14 @@ def run_check_command(args: argparse.Namespace) -> int:
     processor = load_processor(args.model, args.trust_remote_code)
     teacher = load_processor(args.teacher, args.trust_remote_code) if args.teacher else None
     if teacher is not None:  # another tokenizer family cannot teach this student: say so before any sample
-        check_same_token_ids(getattr(processor, "tokenizer", processor), getattr(teacher, "tokenizer", teacher),
-                             names=(args.model, args.teacher))
-    stats, problems = check_data(args.files, processor, args.kind, args.image_root, args.max_length, teacher,
-                                 args.allow_outside_root)
+        check_same_token_ids(
+            getattr(processor, "tokenizer", processor),
+            getattr(teacher, "tokenizer", teacher),
+            names=(args.model, args.teacher),
+        )
+    stats, problems = check_data(
+        args.files, processor, args.kind, args.image_root, args.max_length, teacher, args.allow_outside_root
+    )
     for p in problems:
         print(p.message())
     for line in stats.summary_lines():

@@ -17,7 +17,7 @@ from PIL import Image
 
 from modistill.data.image_safety import UnsafeImage
 from modistill.data.images import open_rgb
-from modistill.data.render import IGNORE_INDEX, Renderer, RenderedSample, image_expansion
+from modistill.data.render import IGNORE_INDEX, RenderedSample, Renderer, image_expansion
 from modistill.data.validate import SampleProblem
 from modistill.errors import UserError
 

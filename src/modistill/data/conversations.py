@@ -18,7 +18,7 @@ from datasets import Dataset, Features, List, Value
 
 from modistill.data.collate import ConversationCollator, same_rendering
 from modistill.data.image_safety import ImageRoot
-from modistill.data.render import Renderer, RenderedSample, TemplateError
+from modistill.data.render import RenderedSample, Renderer, TemplateError
 from modistill.data.validate import (
     IMAGE_TAG_MISMATCH,
     MALFORMED_SAMPLE,
@@ -156,8 +156,9 @@ def locate_template_errors(rec: Record, handle: Callable[[Record], Any]) -> Any:
         raise TemplateError(f"{rec.file}:{rec.line}: sample {rec.sample_id()}: {exc}") from None
 
 
-def fingerprint_parts(image_root: str | Path | None, renderer: Renderer, teacher: Renderer | None,
-                      allow_outside: bool = False) -> dict[str, Any]:
+def fingerprint_parts(
+    image_root: str | Path | None, renderer: Renderer, teacher: Renderer | None, allow_outside: bool = False
+) -> dict[str, Any]:
     return {
         "image_root": str(Path(image_root).resolve()) if image_root is not None else None,
         "allow_outside_root": allow_outside,
@@ -189,8 +190,19 @@ def conversation_handler(
 
 
 def load_validated(
-    kind: str, handler_for: Callable, features: Features, files, image_root, processor, max_length: int | None,
-    on_bad_sample: str, report_dir, teacher_processor, cache_dir, verbose: bool, allow_outside_root: bool = False,
+    kind: str,
+    handler_for: Callable,
+    features: Features,
+    files,
+    image_root,
+    processor,
+    max_length: int | None,
+    on_bad_sample: str,
+    report_dir,
+    teacher_processor,
+    cache_dir,
+    verbose: bool,
+    allow_outside_root: bool = False,
 ) -> tuple[Dataset, DataStats, Renderer, Renderer | None, BadSamplePolicy, Path | None]:
     """The loading sequence both data kinds share: render, validate every sample, cache, report."""
     if processor is None:
@@ -202,13 +214,22 @@ def load_validated(
     teacher = teacher_renderer_for(renderer, teacher_processor)
     stats = DataStats(tokens_per_image=renderer.tokens_per_image)
     ds = build_dataset(
-        kind, paths, handler_for(root_of, renderer, teacher, stats), features,
-        policy, stats, fingerprint_parts(image_root, renderer, teacher, allow_outside_root), cache_dir,
+        kind,
+        paths,
+        handler_for(root_of, renderer, teacher, stats),
+        features,
+        policy,
+        stats,
+        fingerprint_parts(image_root, renderer, teacher, allow_outside_root),
+        cache_dir,
     )
     report = policy.finish(stats, report_dir, verbose)  # raises when nothing is left
     if verbose and stats.truncated:  # `data check` reports it too; training must not cut answers silently
-        print(f"truncated {stats.truncated} of {stats.sequences} sequences to max_length {max_length} "
-              f"(their answers are cut; raise data.max_length to keep them)", flush=True)
+        print(
+            f"truncated {stats.truncated} of {stats.sequences} sequences to max_length {max_length} "
+            f"(their answers are cut; raise data.max_length to keep them)",
+            flush=True,
+        )
     assert ds is not None
     return ds, stats, renderer, teacher, policy, report
 
@@ -235,7 +256,18 @@ def load_conversations(
     must resolve inside the image root unless `allow_outside_root`.
     """
     ds, stats, renderer, teacher, policy, report = load_validated(
-        "conversations", conversation_handler, CONVERSATION_FEATURES, files, image_root, processor, max_length,
-        on_bad_sample, report_dir, teacher_processor, cache_dir, verbose, allow_outside_root,
+        "conversations",
+        conversation_handler,
+        CONVERSATION_FEATURES,
+        files,
+        image_root,
+        processor,
+        max_length,
+        on_bad_sample,
+        report_dir,
+        teacher_processor,
+        cache_dir,
+        verbose,
+        allow_outside_root,
     )
     return ConversationData(ds, stats, renderer, teacher, policy.problems, report)

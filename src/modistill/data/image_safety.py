@@ -66,8 +66,10 @@ def check_pixels(im: Image.Image, path: str | Path, max_pixels: int = MAX_IMAGE_
     """Refuse an image whose header declares more than `max_pixels` before anything is decoded."""
     width, height = im.size
     if width * height > max_pixels:
-        raise UnsafeImage(f"{path} declares {width}x{height} pixels, over the bound of {max_pixels} "
-                          f"(a decompression bomb or a huge image); downscale it")
+        raise UnsafeImage(
+            f"{path} declares {width}x{height} pixels, over the bound of {max_pixels} "
+            f"(a decompression bomb or a huge image); downscale it"
+        )
 
 
 def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:

@@ -45,8 +45,14 @@ from modistill.data.validate import (
 from modistill.models.chat import IMAGE_TOKEN
 
 PREFERENCE_FEATURES = Features(
-    {"id": Value("string"), "source": Value("string"), "images": List(Value("string")),
-     "prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES}
+    {
+        "id": Value("string"),
+        "source": Value("string"),
+        "images": List(Value("string")),
+        "prompt": MESSAGES,
+        "chosen": MESSAGES,
+        "rejected": MESSAGES,
+    }
 )
 
 
@@ -90,7 +96,7 @@ def _tag_first_user_turn(prompt: list[dict[str, str]], n_images: int) -> list[di
     for k, m in enumerate(prompt):
         if m["role"] == "user":
             tagged = {"role": "user", "content": (IMAGE_TOKEN + "\n") * n_images + m["content"]}
-            return prompt[:k] + [tagged] + prompt[k + 1:]
+            return prompt[:k] + [tagged] + prompt[k + 1 :]
     raise SampleProblem(MALFORMED_SAMPLE, "the prompt has no user turn to put the image in")
 
 
@@ -124,8 +130,14 @@ def normalize_pair(data: Any, sample_id: str, source: str, image_root: Path | Im
     for side in (chosen_msgs, rejected_msgs):
         check_ends_with_answer(prompt + side)
         check_image_tags(prompt + side, images)
-    return {"id": sample_id, "source": source, "images": images, "prompt": prompt,
-            "chosen": chosen_msgs, "rejected": rejected_msgs}
+    return {
+        "id": sample_id,
+        "source": source,
+        "images": images,
+        "prompt": prompt,
+        "chosen": chosen_msgs,
+        "rejected": rejected_msgs,
+    }
 
 
 def preference_handler(
@@ -162,7 +174,18 @@ def load_preferences(
 ) -> PreferenceData:
     """Read, validate and cache preference pairs; same contract as `load_conversations`."""
     ds, stats, renderer, teacher, policy, report = load_validated(
-        "preferences", preference_handler, PREFERENCE_FEATURES, files, image_root, processor, max_length,
-        on_bad_sample, report_dir, teacher_processor, cache_dir, verbose, allow_outside_root,
+        "preferences",
+        preference_handler,
+        PREFERENCE_FEATURES,
+        files,
+        image_root,
+        processor,
+        max_length,
+        on_bad_sample,
+        report_dir,
+        teacher_processor,
+        cache_dir,
+        verbose,
+        allow_outside_root,
     )
     return PreferenceData(ds, stats, renderer, teacher, policy.problems, report)

@@ -173,8 +173,9 @@ class Renderer:
         if n_tags != len(images):
             raise SampleProblem(IMAGE_TAG_MISMATCH, f"{n_tags} <image> tag(s) for {len(images)} image(s)")
         ids, labels, image_end = self._expand_images(ids, labels)
-        return self._truncate(RenderedSample(ids, labels, images, num_image_tokens=len(images) * self.tokens_per_image),
-                              image_end)
+        return self._truncate(
+            RenderedSample(ids, labels, images, num_image_tokens=len(images) * self.tokens_per_image), image_end
+        )
 
     def render_prompt(self, messages: list[dict[str, str]], images: list[str]) -> list[int]:
         """Token ids of `messages` followed by the generation prompt (what a model answers from), images expanded.
@@ -194,9 +195,7 @@ class Renderer:
 
     def _text(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         try:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt
-            )
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         except (jinja2.TemplateError, ValueError, TypeError) as exc:  # raise_exception("roles must alternate"...)
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise SampleProblem(TEMPLATE_REJECTS, why) from None
@@ -215,7 +214,7 @@ class Renderer:
                 f"{i} messages + generation prompt is not a prefix of rendering {i + 1}, or a later turn rewrites "
                 "earlier ones); answer tokens cannot be found. Use a template that renders turns append-only"
             )
-        answer = upto[len(prompt):]
+        answer = upto[len(prompt) :]
         content = messages[i]["content"]
         pos, length = answer.find(content), len(content)
         if pos < 0:  # templates that trim the content

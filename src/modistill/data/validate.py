@@ -355,8 +355,19 @@ class BadSamplePolicy:
             tmp = report.with_name(f".{report.name}.tmp")
             with open(tmp, "w") as f:
                 for p in self.problems:
-                    f.write(json.dumps({"id": p.sample_id, "file": p.file, "line": p.line, "index": p.index,
-                                        "reason": p.reason, "detail": p.detail}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "id": p.sample_id,
+                                "file": p.file,
+                                "line": p.line,
+                                "index": p.index,
+                                "reason": p.reason,
+                                "detail": p.detail,
+                            }
+                        )
+                        + "\n"
+                    )
             os.replace(tmp, report)
         if self.problems and verbose:
             counts = ", ".join(f"{n} {reason}" for reason, n in stats.skipped.items())
@@ -433,8 +444,9 @@ def build_dataset(
     settings; the validation outcome (stats, problems) is saved beside it, so a rerun on unchanged
     data replays it instead of re-reading every image.
     """
-    fp = fingerprint({"kind": kind, "files": [file_identity(f) for f in files], "format": CACHE_FORMAT,
-                      **fingerprint_parts})
+    fp = fingerprint(
+        {"kind": kind, "files": [file_identity(f) for f in files], "format": CACHE_FORMAT, **fingerprint_parts}
+    )
     root = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE)
     sidecar = root / "modistill" / f"{kind}-{fp}.json"
     ran = False

@@ -37,9 +37,13 @@ CLAIMS = [
     ("preference distillation (paired KTO) lowers hallucination", "kto", "kd-moe"),
     ("paired KTO beats DPO", "kto", "dpo"),
 ]
-METRICS = [("vqa_accuracy", "VQA acc", 1), ("pope_f1", "POPE F1", 1),
-           ("caption_hallucination_sampled", "halluc. T=1", -1), ("caption_hallucination_greedy", "halluc. greedy", -1),
-           ("caption_coverage", "coverage", 1)]
+METRICS = [
+    ("vqa_accuracy", "VQA acc", 1),
+    ("pope_f1", "POPE F1", 1),
+    ("caption_hallucination_sampled", "halluc. T=1", -1),
+    ("caption_hallucination_greedy", "halluc. greedy", -1),
+    ("caption_coverage", "coverage", 1),
+]
 
 
 def _variants(demo: Demo, teacher: Path, root: Path) -> dict[str, Path]:
@@ -67,35 +71,66 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> list[dict]:
     rows = []
     for claim, a, b in CLAIMS:
         for key, label, sign in METRICS:
-            pairs = [(runs[a].get(key), runs[b].get(key)) for runs in per_seed.values()
-                     if a in runs and b in runs and runs[a].get(key) is not None and runs[b].get(key) is not None]
+            pairs = [
+                (runs[a].get(key), runs[b].get(key))
+                for runs in per_seed.values()
+                if a in runs and b in runs and runs[a].get(key) is not None and runs[b].get(key) is not None
+            ]
             if not pairs:
                 continue
             diffs = [x - y for x, y in pairs]
             ma, sa = _mean_std([x for x, _ in pairs])
             mb, sb = _mean_std([y for _, y in pairs])
             md, sd = _mean_std(diffs)
-            rows.append({"claim": claim, "a": a, "b": b, "metric": label, "key": key, "better": "higher" if sign > 0 else "lower",
-                         "a_mean": ma, "a_std": sa, "b_mean": mb, "b_std": sb, "diff_mean": md, "diff_std": sd,
-                         "seeds": len(pairs), "holds": sign * md > 0 and abs(md) > sd})
+            rows.append(
+                {
+                    "claim": claim,
+                    "a": a,
+                    "b": b,
+                    "metric": label,
+                    "key": key,
+                    "better": "higher" if sign > 0 else "lower",
+                    "a_mean": ma,
+                    "a_std": sa,
+                    "b_mean": mb,
+                    "b_std": sb,
+                    "diff_mean": md,
+                    "diff_std": sd,
+                    "seeds": len(pairs),
+                    "holds": sign * md > 0 and abs(md) > sd,
+                }
+            )
     return rows
 
 
 def _markdown(rows: list[dict], meta: dict) -> str:
-    lines = ["# Ablations: the paper's claims at demo scale", "",
-             f"Command: `{meta['command']}` — {meta['seeds']} seeds, {meta['minutes']:.1f} minutes on {meta['machine']}.",
-             "One world and one teacher for all seeds; a seed changes the student's init, data order, router init and "
-             "sampled preference pairs. Mean ± std over seeds; Δ = A − B paired by seed. A claim *holds* on a metric "
-             "when Δ points the better way by more than its std.", ""]
+    lines = [
+        "# Ablations: the paper's claims at demo scale",
+        "",
+        f"Command: `{meta['command']}` — {meta['seeds']} seeds, {meta['minutes']:.1f} minutes on {meta['machine']}.",
+        "One world and one teacher for all seeds; a seed changes the student's init, data order, router init and "
+        "sampled preference pairs. Mean ± std over seeds; Δ = A − B paired by seed. A claim *holds* on a metric "
+        "when Δ points the better way by more than its std.",
+        "",
+    ]
     for claim, a, b in CLAIMS:
         sub = [r for r in rows if r["claim"] == claim]
         if not sub:
             continue
-        lines += [f"## {claim}", "", f"A = `{a}`, B = `{b}`", "", "| metric | A | B | Δ (A−B) | holds |", "|---|---|---|---|---|"]
+        lines += [
+            f"## {claim}",
+            "",
+            f"A = `{a}`, B = `{b}`",
+            "",
+            "| metric | A | B | Δ (A−B) | holds |",
+            "|---|---|---|---|---|",
+        ]
         for r in sub:
-            lines.append(f"| {r['metric']} ({r['better']} is better) | {r['a_mean']:.3f} ± {r['a_std']:.3f} | "
-                         f"{r['b_mean']:.3f} ± {r['b_std']:.3f} | {r['diff_mean']:+.3f} ± {r['diff_std']:.3f} | "
-                         f"{'yes' if r['holds'] else 'no'} |")
+            lines.append(
+                f"| {r['metric']} ({r['better']} is better) | {r['a_mean']:.3f} ± {r['a_std']:.3f} | "
+                f"{r['b_mean']:.3f} ± {r['b_std']:.3f} | {r['diff_mean']:+.3f} ± {r['diff_std']:.3f} | "
+                f"{'yes' if r['holds'] else 'no'} |"
+            )
         lines.append("")
     lines += ["![ablation deltas](ablations.png)", ""]
     return "\n".join(lines)
@@ -104,24 +139,43 @@ def _markdown(rows: list[dict], meta: dict) -> str:
 def _plot(rows: list[dict], out: Path) -> None:
     claims = [c for c, _, _ in CLAIMS if any(r["claim"] == c for r in rows)]
     keys = [m for m in METRICS if any(r["key"] == m[0] for r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 0.5 * len(claims) + 1.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(3.3 * len(keys), 0.5 * len(claims) + 1.8), squeeze=False, sharey=True
+    )
     for ax, (key, label, sign) in zip(axes[0], keys):
         vals = [next((r for r in rows if r["claim"] == c and r["key"] == key), None) for c in claims]
         ys = range(len(claims))
-        ax.barh(list(ys), [v["diff_mean"] * sign if v else 0 for v in vals],
-                xerr=[v["diff_std"] if v else 0 for v in vals], color="tab:blue", alpha=0.7)
+        ax.barh(
+            list(ys),
+            [v["diff_mean"] * sign if v else 0 for v in vals],
+            xerr=[v["diff_std"] if v else 0 for v in vals],
+            color="tab:blue",
+            alpha=0.7,
+        )
         ax.axvline(0, color="black", lw=0.8)
         ax.set_title(f"{label}: improvement of A over B", fontsize=8)
-        ax.set_yticks(list(ys), [f"{CLAIMS[[c for c, _, _ in CLAIMS].index(c)][1]} vs {CLAIMS[[c for c, _, _ in CLAIMS].index(c)][2]}"
-                                 for c in claims], fontsize=7)
+        ax.set_yticks(
+            list(ys),
+            [
+                f"{CLAIMS[[c for c, _, _ in CLAIMS].index(c)][1]} vs {CLAIMS[[c for c, _, _ in CLAIMS].index(c)][2]}"
+                for c in claims
+            ],
+            fontsize=7,
+        )
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
-def run_ablation(out: str | Path = "runs/ablate", seeds: int = 3, quick: bool = False, docs: str | Path | None = "docs",
-                 progress: bool = True, only: str = "paper") -> list[dict]:
+def run_ablation(
+    out: str | Path = "runs/ablate",
+    seeds: int = 3,
+    quick: bool = False,
+    docs: str | Path | None = "docs",
+    progress: bool = True,
+    only: str = "paper",
+) -> list[dict]:
     """`only`: "paper" (the paper's claims, below) or "onpolicy" (beyond the paper: demo/ablate_onpolicy.py)."""
     start = time.perf_counter()
     out = Path(out)
@@ -147,9 +201,12 @@ def run_ablation(out: str | Path = "runs/ablate", seeds: int = 3, quick: bool = 
     rows = summarise(per_seed)
     import platform
 
-    meta = {"command": f"modistill ablate --seeds {seeds}" + (" --quick" if quick else ""), "seeds": seeds,
-            "minutes": (time.perf_counter() - start) / 60, "machine": f"{platform.processor() or platform.machine()}, "
-            f"{__import__('os').cpu_count()} cores"}
+    meta = {
+        "command": f"modistill ablate --seeds {seeds}" + (" --quick" if quick else ""),
+        "seeds": seeds,
+        "minutes": (time.perf_counter() - start) / 60,
+        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+    }
     for target in [out] + ([Path(docs)] if docs else []):
         target.mkdir(parents=True, exist_ok=True)
         write_json_atomic(target / "ablations.json", {"meta": meta, "claims": rows, "per_seed": per_seed})

@@ -26,9 +26,13 @@ from modistill.io import write_json_atomic
 
 LAMBDAS = (0.0, 0.5, 1.0)
 MAX_NEW = 48  # the evaluation's caption length: samples as long as the answers the student is judged on
-METRICS = [("vqa_accuracy", "VQA acc", 1), ("pope_f1", "POPE F1", 1),
-           ("caption_hallucination_greedy", "halluc. greedy", -1), ("caption_hallucination_sampled", "halluc. T=1", -1),
-           ("caption_coverage", "coverage", 1)]
+METRICS = [
+    ("vqa_accuracy", "VQA acc", 1),
+    ("pope_f1", "POPE F1", 1),
+    ("caption_hallucination_greedy", "halluc. greedy", -1),
+    ("caption_hallucination_sampled", "halluc. T=1", -1),
+    ("caption_coverage", "coverage", 1),
+]
 
 
 def _suffix(lam: float) -> str:
@@ -41,13 +45,23 @@ def variants(demo: Demo, teacher: Path, root: Path, drafter: bool) -> dict[str, 
     v: dict[str, Path] = {}
     for lam in LAMBDAS:
         loss = {} if lam == 0 else {"onpolicy_fraction": lam, "onpolicy_max_new_tokens": MAX_NEW}
-        v[f"kd{_suffix(lam)}"] = demo.mimic(root / f"kd{_suffix(lam)}", stage0, teacher, p.stage1a, kd=1.0, ce=0.0,
-                                            loss=loss)
-        v[f"kd-moe{_suffix(lam)}"] = demo.mimic(root / f"kd-moe{_suffix(lam)}", v[f"kd{_suffix(lam)}"], teacher,
-                                                p.stage1b, kd=1.0, ce=1.0, upcycle_top_k=p.top_k, loss=loss)
+        v[f"kd{_suffix(lam)}"] = demo.mimic(
+            root / f"kd{_suffix(lam)}", stage0, teacher, p.stage1a, kd=1.0, ce=0.0, loss=loss
+        )
+        v[f"kd-moe{_suffix(lam)}"] = demo.mimic(
+            root / f"kd-moe{_suffix(lam)}",
+            v[f"kd{_suffix(lam)}"],
+            teacher,
+            p.stage1b,
+            kd=1.0,
+            ce=1.0,
+            upcycle_top_k=p.top_k,
+            loss=loss,
+        )
     if drafter:
-        v["kd-tvd"] = demo.mimic(root / "kd-tvd", stage0, teacher, p.stage1a, kd=1.0, ce=0.0,
-                                 loss={"divergence": "tvd"})
+        v["kd-tvd"] = demo.mimic(
+            root / "kd-tvd", stage0, teacher, p.stage1a, kd=1.0, ce=0.0, loss={"divergence": "tvd"}
+        )
     return v
 
 
@@ -61,31 +75,56 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> list[dict[str, Any]]:
     for lam in LAMBDAS:
         arm = f"kd-moe{_suffix(lam)}"
         for key, label, sign in METRICS:
-            pairs = [(r[arm][key], r["kd-moe"][key]) for r in per_seed.values()
-                     if arm in r and "kd-moe" in r and r[arm].get(key) is not None]
+            pairs = [
+                (r[arm][key], r["kd-moe"][key])
+                for r in per_seed.values()
+                if arm in r and "kd-moe" in r and r[arm].get(key) is not None
+            ]
             if not pairs:
                 continue
             m, s = _mean_std([a for a, _ in pairs])
             dm, ds = _mean_std([a - b for a, b in pairs])
-            rows.append({"lambda": lam, "arm": arm, "metric": label, "key": key, "mean": m, "std": s,
-                         "diff_mean": dm, "diff_std": ds, "seeds": len(pairs),
-                         "better": lam > 0 and sign * dm > 0 and abs(dm) > ds})
+            rows.append(
+                {
+                    "lambda": lam,
+                    "arm": arm,
+                    "metric": label,
+                    "key": key,
+                    "mean": m,
+                    "std": s,
+                    "diff_mean": dm,
+                    "diff_std": ds,
+                    "seeds": len(pairs),
+                    "better": lam > 0 and sign * dm > 0 and abs(dm) > ds,
+                }
+            )
     return rows
 
 
 def markdown(rows: list[dict[str, Any]], spec: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [f"Command: `{meta['command']}` — seeds {meta['seeds_done']}, {meta['minutes']:.1f} min on "
-             f"{meta['machine']}. Mean ± std over seeds; Δ = arm − (λ = 0) paired by seed.", "",
-             "| λ | metric | mean ± std | Δ vs λ=0 | better beyond noise |", "|---|---|---|---|---|"]
+    lines = [
+        f"Command: `{meta['command']}` — seeds {meta['seeds_done']}, {meta['minutes']:.1f} min on "
+        f"{meta['machine']}. Mean ± std over seeds; Δ = arm − (λ = 0) paired by seed.",
+        "",
+        "| λ | metric | mean ± std | Δ vs λ=0 | better beyond noise |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['lambda']:g} | {r['metric']} | {r['mean']:.3f} ± {r['std']:.3f} | "
-                     f"{r['diff_mean']:+.3f} ± {r['diff_std']:.3f} | {'yes' if r['better'] else 'no'} |")
+        lines.append(
+            f"| {r['lambda']:g} | {r['metric']} | {r['mean']:.3f} ± {r['std']:.3f} | "
+            f"{r['diff_mean']:+.3f} ± {r['diff_std']:.3f} | {'yes' if r['better'] else 'no'} |"
+        )
     if spec:
-        lines += ["", "| drafter (seed 0) | acceptance | tokens / teacher forward | speed-up | identical |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| drafter (seed 0) | acceptance | tokens / teacher forward | speed-up | identical |",
+            "|---|---|---|---|---|",
+        ]
         for s in spec:
-            lines.append(f"| {s['draft']} | {s['acceptance_rate']:.3f} | {s['tokens_per_teacher_forward']:.2f} | "
-                         f"{s['speedup']:.2f}x | {s['identical']}/{s['prompts']} |")
+            lines.append(
+                f"| {s['draft']} | {s['acceptance_rate']:.3f} | {s['tokens_per_teacher_forward']:.2f} | "
+                f"{s['speedup']:.2f}x | {s['identical']}/{s['prompts']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -93,16 +132,16 @@ def speculation(demo: Demo, teacher: Path, drafts: dict[str, Path], limit: int) 
     captions = demo.world / "eval" / "captions.jsonl"
     out = []
     for name, path in drafts.items():
-        r = speculate_files(str(teacher), str(path), [str(captions)], limit=limit, max_new_tokens=MAX_NEW,
-                            num_draft=4)
+        r = speculate_files(str(teacher), str(path), [str(captions)], limit=limit, max_new_tokens=MAX_NEW, num_draft=4)
         r.pop("per_prompt")
         out.append({"draft": name, **r})
         print(f"drafter {name}: acceptance {r['acceptance_rate']:.3f}, speed-up {r['speedup']:.2f}x")
     return out
 
 
-def run_onpolicy_ablation(out: str | Path, plan: Any, seeds: int, docs: str | Path | None, progress: bool,
-                          command: str, spec_limit: int = 40) -> list[dict[str, Any]]:
+def run_onpolicy_ablation(
+    out: str | Path, plan: Any, seeds: int, docs: str | Path | None, progress: bool, command: str, spec_limit: int = 40
+) -> list[dict[str, Any]]:
     import os
     import platform
 
@@ -122,19 +161,27 @@ def run_onpolicy_ablation(out: str | Path, plan: Any, seeds: int, docs: str | Pa
                 continue
             results = demo.evaluate(f"seed{seed}/{name}", path)
             row = summary_row(name, results, json.loads((path / "metrics.json").read_text()))
-            per_seed[seed][name] = {**row, "train_runtime_s": json.loads((path / "metrics.json").read_text())
-                                    .get("train_runtime_s")}
+            per_seed[seed][name] = {
+                **row,
+                "train_runtime_s": json.loads((path / "metrics.json").read_text()).get("train_runtime_s"),
+            }
         if seed == 0:
             names = ("kd", "kd-tvd", "kd-moe", "kd-onpol1", "kd-moe-onpol1")
             drafts: dict[str, Path] = {k: v[k] for k in names if k in v}
             spec = speculation(demo, teacher, drafts, spec_limit)
         rows = summarise(per_seed)
-        meta = {"command": command, "seeds_done": len(per_seed), "minutes": (time.perf_counter() - start) / 60,
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+        meta = {
+            "command": command,
+            "seeds_done": len(per_seed),
+            "minutes": (time.perf_counter() - start) / 60,
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        }
         for target in [out] + ([Path(docs)] if docs else []):
             target.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(target / "ablations_onpolicy.json",
-                              {"meta": meta, "rows": rows, "per_seed": per_seed, "speculative": spec})
+            write_json_atomic(
+                target / "ablations_onpolicy.json",
+                {"meta": meta, "rows": rows, "per_seed": per_seed, "speculative": spec},
+            )
             (target / "ablations_onpolicy.md").write_text(markdown(rows, spec, meta))
         print(markdown(rows, spec, meta))
     return summarise(per_seed)

@@ -13,12 +13,12 @@ import json
 import random
 from pathlib import Path
 
-from modistill.scenes.oracle import label_preference_pairs, score_caption
-from modistill.scenes.text import CAPTION_PROMPTS
-from modistill.scenes.world import Scene, World, WorldConfig
 from modistill.errors import UserError
 from modistill.eval.generate import generate_answers
 from modistill.io import write_json_atomic
+from modistill.scenes.oracle import label_preference_pairs, score_caption
+from modistill.scenes.text import CAPTION_PROMPTS
+from modistill.scenes.world import Scene, World, WorldConfig
 
 
 def read_train_scenes(world_dir: Path) -> list[tuple[str, Scene]]:
@@ -34,9 +34,18 @@ def read_train_scenes(world_dir: Path) -> list[tuple[str, Scene]]:
 
 
 def build_onpolicy_pairs(
-    loaded, world_dir: str | Path, out_file: str | Path, *, n_images: int = 300, samples: int = 4,
-    temperature: float = 1.0, seed: int = 0, batch_size: int = 32, max_pairs_per_image: int = 2,
-    max_new_tokens: int = 48, progress: bool = True,
+    loaded,
+    world_dir: str | Path,
+    out_file: str | Path,
+    *,
+    n_images: int = 300,
+    samples: int = 4,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_pairs_per_image: int = 2,
+    max_new_tokens: int = 48,
+    progress: bool = True,
 ) -> dict:
     """Sample `samples` captions per training image from `loaded` (a LoadedModel) and write pairs."""
     world_dir = Path(world_dir)
@@ -47,8 +56,16 @@ def build_onpolicy_pairs(
     styles = list(CAPTION_PROMPTS)
     items = [{"image": str(world_dir / image), "text": CAPTION_PROMPTS[rng.choice(styles)]} for image, _ in picked]
     answers = generate_answers(
-        loaded.model, loaded.processor, items, batch_size=batch_size, do_sample=True, temperature=temperature,
-        num_samples=samples, seed=seed, max_new_tokens=max_new_tokens, progress=progress,
+        loaded.model,
+        loaded.processor,
+        items,
+        batch_size=batch_size,
+        do_sample=True,
+        temperature=temperature,
+        num_samples=samples,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
         desc="sampling the student",
     )
     if samples == 1:
@@ -58,8 +75,16 @@ def build_onpolicy_pairs(
         scores = [score_caption(r, scene) for r in responses]
         hallucinated += sum(not s.parseable or s.hallucinated for s in scores)
         total += len(scores)
-        for pair in label_preference_pairs(scene, item["text"], responses, rng, world=world, image=image,
-                                           id_prefix=f"onpolicy-{k}", max_pairs=max_pairs_per_image):
+        for pair in label_preference_pairs(
+            scene,
+            item["text"],
+            responses,
+            rng,
+            world=world,
+            image=image,
+            id_prefix=f"onpolicy-{k}",
+            max_pairs=max_pairs_per_image,
+        ):
             sampled_chosen += pair["chosen"] in responses
             sampled_rejected += pair["rejected"] in responses
             pairs.append(pair)

@@ -25,14 +25,14 @@ from typing import Any
 import yaml
 
 from modistill.config import to_dict
-from modistill.scenes.build import build_world
-from modistill.scenes.world import WorldConfig
 from modistill.demo.plan import FULL, QUICK, DemoPlan, StagePlan
 from modistill.demo.report import summary_row, table_markdown, write_report
 from modistill.errors import UserError
 from modistill.eval.run import evaluate
 from modistill.io import is_ours, mark, write_json_atomic
 from modistill.models.load import MOE_TEXT_TYPES, load_config
+from modistill.scenes.build import build_world
+from modistill.scenes.world import WorldConfig
 from modistill.stages import load_stage_config, runner_of
 
 
@@ -71,14 +71,28 @@ class Demo:
         print(f"\n=== {text}", flush=True)
 
     def _train_args(self, sp: StagePlan, **extra) -> dict[str, Any]:
-        return {"learning_rate": sp.learning_rate, "max_steps": sp.steps, "per_device_train_batch_size": sp.batch_size,
-                "logging_steps": max(1, sp.steps // 20), "save_steps": max(10, sp.steps // 3), "save_total_limit": 1,
-                "warmup_steps": 0.05, "lr_scheduler_type": "cosine", "seed": self.seed,
-                "disable_tqdm": not self.progress, **extra}
+        return {
+            "learning_rate": sp.learning_rate,
+            "max_steps": sp.steps,
+            "per_device_train_batch_size": sp.batch_size,
+            "logging_steps": max(1, sp.steps // 20),
+            "save_steps": max(10, sp.steps // 3),
+            "save_total_limit": 1,
+            "warmup_steps": 0.05,
+            "lr_scheduler_type": "cosine",
+            "seed": self.seed,
+            "disable_tqdm": not self.progress,
+            **extra,
+        }
 
     def _data(self, files: list[Path], **extra) -> dict[str, Any]:
-        return {"train": [str(f) for f in files], "image_root": str(self.world), "max_length": 192,
-                "cache_dir": str(self.out / ".data-cache"), **extra}
+        return {
+            "train": [str(f) for f in files],
+            "image_root": str(self.world),
+            "max_length": 192,
+            "cache_dir": str(self.out / ".data-cache"),
+            **extra,
+        }
 
     def run_stage(self, out_dir: Path, cfg: dict[str, Any]) -> dict:
         """Write the stage's YAML, then run it exactly as `modistill train DIR/configs/...yaml` would."""
@@ -99,9 +113,18 @@ class Demo:
             return json.loads(out.read_text())
         self._say(f"evaluate {name}")
         files = {k: self.world / "eval" / f"{k}.jsonl" for k in ("vqa", "pope", "captions")}
-        return self._timed(f"eval {name}", evaluate, model_dir, files, out, batch_size=64,
-                           caption_samples=self.plan.caption_samples, limit=self.plan.eval_limit, seed=self.seed,
-                           progress=self.progress)
+        return self._timed(
+            f"eval {name}",
+            evaluate,
+            model_dir,
+            files,
+            out,
+            batch_size=64,
+            caption_samples=self.plan.caption_samples,
+            limit=self.plan.eval_limit,
+            seed=self.seed,
+            progress=self.progress,
+        )
 
     # --- the chain -----------------------------------------------------------------------------
     def make_world(self) -> None:
@@ -109,28 +132,65 @@ class Demo:
             return
         self._say("generate the scenes world")
         cfg = WorldConfig(caption_noise=self.plan.caption_noise, seed=self.seed)
-        self._timed("world", build_world, self.world, cfg, n_train=self.plan.n_train, n_test=self.plan.n_test,
-                    seed=self.seed, overwrite=True, progress=self.progress)
+        self._timed(
+            "world",
+            build_world,
+            self.world,
+            cfg,
+            n_train=self.plan.n_train,
+            n_test=self.plan.n_test,
+            seed=self.seed,
+            overwrite=True,
+            progress=self.progress,
+        )
 
     def teacher(self) -> Path:
         p = self.plan
         build = {
-            "vision": {"type": "siglip", "hidden_size": p.vision_hidden, "num_layers": p.vision_layers,
-                       "num_heads": 4, "intermediate_size": 2 * p.vision_hidden, "image_size": 48, "patch_size": 16},
-            "text": {"type": "qwen3", "hidden_size": p.teacher_hidden, "num_layers": p.teacher_layers,
-                     "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 2 * p.teacher_hidden},
+            "vision": {
+                "type": "siglip",
+                "hidden_size": p.vision_hidden,
+                "num_layers": p.vision_layers,
+                "num_heads": 4,
+                "intermediate_size": 2 * p.vision_hidden,
+                "image_size": 48,
+                "patch_size": 16,
+            },
+            "text": {
+                "type": "qwen3",
+                "hidden_size": p.teacher_hidden,
+                "num_layers": p.teacher_layers,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "intermediate_size": 2 * p.teacher_hidden,
+            },
             "tokenizer": str(self.world / "tokenizer"),
             "seed": self.seed,
         }
         train = [self.world / "train.json"]
-        self.run_stage(self.out / "teacher-stage0", {
-            "stage": "align", "output_dir": str(self.out / "teacher-stage0"), "student": {"build": build},
-            "data": self._data(train), "trainable": ["projector"], "train": self._train_args(p.teacher_align)})
+        self.run_stage(
+            self.out / "teacher-stage0",
+            {
+                "stage": "align",
+                "output_dir": str(self.out / "teacher-stage0"),
+                "student": {"build": build},
+                "data": self._data(train),
+                "trainable": ["projector"],
+                "train": self._train_args(p.teacher_align),
+            },
+        )
         # The tower starts random, so the teacher then trains everything (vision included).
-        self.run_stage(self.out / "teacher", {
-            "stage": "sft", "output_dir": str(self.out / "teacher"), "student": {"path": str(self.out / "teacher-stage0")},
-            "data": self._data(train), "trainable": ["vision", "projector", "llm"],
-            "train": self._train_args(p.teacher_sft)})
+        self.run_stage(
+            self.out / "teacher",
+            {
+                "stage": "sft",
+                "output_dir": str(self.out / "teacher"),
+                "student": {"path": str(self.out / "teacher-stage0")},
+                "data": self._data(train),
+                "trainable": ["vision", "projector", "llm"],
+                "train": self._train_args(p.teacher_sft),
+            },
+        )
         return self.out / "teacher"
 
     # --- student stages, as building blocks (the ablations recombine them) ----------------------
@@ -142,30 +202,68 @@ class Demo:
         build = {
             # LLaVA-MoD's student shares the teacher's (frozen) vision encoder.
             "vision": {"pretrained": str(teacher)},
-            "text": {"type": "qwen3", "hidden_size": p.student_hidden, "num_layers": p.student_layers,
-                     "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 2 * p.student_hidden},
+            "text": {
+                "type": "qwen3",
+                "hidden_size": p.student_hidden,
+                "num_layers": p.student_layers,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "intermediate_size": 2 * p.student_hidden,
+            },
             "tokenizer": str(self.world / "tokenizer"),
             "seed": seed,
         }
-        self.run_stage(out_dir, {
-            "stage": "align", "output_dir": str(out_dir), "student": {"build": build},
-            "data": self.student_data(), "train": self._train_args(p.student_align)})
+        self.run_stage(
+            out_dir,
+            {
+                "stage": "align",
+                "output_dir": str(out_dir),
+                "student": {"build": build},
+                "data": self.student_data(),
+                "train": self._train_args(p.student_align),
+            },
+        )
         return out_dir
 
-    def mimic(self, out_dir: Path, base: Path, teacher: Path | None, sp: StagePlan, *, kd: float = 1.0,
-              ce: float = 0.0, upcycle_top_k: int | None = None, loss: dict[str, Any] | None = None) -> Path:
+    def mimic(
+        self,
+        out_dir: Path,
+        base: Path,
+        teacher: Path | None,
+        sp: StagePlan,
+        *,
+        kd: float = 1.0,
+        ce: float = 0.0,
+        upcycle_top_k: int | None = None,
+        loss: dict[str, Any] | None = None,
+    ) -> Path:
         """Stage 1a (dense KD), 1b (upcycle_top_k set, or an MoE base: KD + CE + balance), or SFT (kd=0)."""
         student: dict[str, Any] = {"path": str(base)}
-        cfg: dict[str, Any] = {"output_dir": str(out_dir), "student": student, "data": self.student_data(),
-                               "train": self._train_args(sp)}
+        cfg: dict[str, Any] = {
+            "output_dir": str(out_dir),
+            "student": student,
+            "data": self.student_data(),
+            "train": self._train_args(sp),
+        }
         if kd == 0:
             cfg["stage"] = "sft"
         elif upcycle_top_k is not None or _is_moe(base):
-            upcycle = None if upcycle_top_k is None else {"num_experts": self.plan.num_experts, "top_k": upcycle_top_k,
-                                                          "layers": "every-other", "seed": self.seed}
+            upcycle = (
+                None
+                if upcycle_top_k is None
+                else {
+                    "num_experts": self.plan.num_experts,
+                    "top_k": upcycle_top_k,
+                    "layers": "every-other",
+                    "seed": self.seed,
+                }
+            )
             student["experts_implementation"] = "eager"  # on CPUs ~15 % faster than grouped_mm
-            cfg.update(stage="mimic_sparse", upcycle=upcycle,
-                       loss={"kd_weight": kd, "ce_weight": ce, "balance_coef": 0.01, **(loss or {})})
+            cfg.update(
+                stage="mimic_sparse",
+                upcycle=upcycle,
+                loss={"kd_weight": kd, "ce_weight": ce, "balance_coef": 0.01, **(loss or {})},
+            )
         else:
             cfg.update(stage="mimic_dense", loss={"kd_weight": kd, "ce_weight": ce, **(loss or {})})
         if kd > 0:
@@ -181,30 +279,50 @@ class Demo:
         from modistill.models.load import load_model
 
         p = self.plan
-        stats = self._timed("preference pairs", build_onpolicy_pairs, load_model(model_dir), self.world,
-                            out_file, n_images=p.pref_images, samples=p.pref_samples, seed=self.seed,
-                            progress=self.progress)
+        stats = self._timed(
+            "preference pairs",
+            build_onpolicy_pairs,
+            load_model(model_dir),
+            self.world,
+            out_file,
+            n_images=p.pref_images,
+            samples=p.pref_samples,
+            seed=self.seed,
+            progress=self.progress,
+        )
         write_json_atomic(out_file.with_name(out_file.stem + "_stats.json"), stats)
         print(json.dumps(stats))
         return out_file
 
     def preference(self, out_dir: Path, base: Path, teacher: Path, prefs: Path, kind: str = "kto_pair") -> Path:
         p = self.plan
-        self.run_stage(out_dir, {
-            "stage": "preference", "output_dir": str(out_dir),
-            "student": {"path": str(base), "experts_implementation": "eager"},
-            "teacher": {"path": str(teacher)}, "reference": "precompute", "data": self._data([prefs]),
-            "loss": {"preference": kind, "beta": p.pref_beta, "chosen_ce_weight": p.pref_chosen_ce,
-                     "balance_coef": 0.01},
-            "train": self._train_args(p.stage2)})
+        self.run_stage(
+            out_dir,
+            {
+                "stage": "preference",
+                "output_dir": str(out_dir),
+                "student": {"path": str(base), "experts_implementation": "eager"},
+                "teacher": {"path": str(teacher)},
+                "reference": "precompute",
+                "data": self._data([prefs]),
+                "loss": {
+                    "preference": kind,
+                    "beta": p.pref_beta,
+                    "chosen_ce_weight": p.pref_chosen_ce,
+                    "balance_coef": 0.01,
+                },
+                "train": self._train_args(p.stage2),
+            },
+        )
         return out_dir
 
     def student(self, teacher: Path) -> dict[str, Path]:
         p, s = self.plan, self.out / "student"
         dirs = {"stage0": self.align_student(s / "stage0", teacher, self.seed + 1)}
         dirs["stage1a"] = self.mimic(s / "stage1a", dirs["stage0"], teacher, p.stage1a, kd=1.0, ce=0.0)
-        dirs["stage1b"] = self.mimic(s / "stage1b", dirs["stage1a"], teacher, p.stage1b, kd=1.0, ce=1.0,
-                                     upcycle_top_k=p.top_k)
+        dirs["stage1b"] = self.mimic(
+            s / "stage1b", dirs["stage1a"], teacher, p.stage1b, kd=1.0, ce=1.0, upcycle_top_k=p.top_k
+        )
         prefs = self.onpolicy_pairs(s / "prefs.json", dirs["stage1b"])
         dirs["stage2"] = self.preference(s / "stage2", dirs["stage1b"], teacher, prefs)
         return dirs
@@ -225,30 +343,40 @@ class Demo:
         self.timings = {**reused, **self.timings}
         self.timings["total"] = time.perf_counter() - start + sum(reused.values())
         write_json_atomic(self.out / "timings.json", self.timings)
-        report = write_report(self.out, {
-            "title": "modistill demo: LLaVA-MoD on the scenes world",
-            "notes": [f"seed {self.seed}; plan {json.dumps(to_dict(self.plan))}",
-                      f"caption noise {self.plan.caption_noise}: that share of training captions names an object "
-                      "that is not in the image (web-caption noise); hallucination is measured by an oracle "
-                      "that knows each test image's scene graph",
-                      "student = smaller Qwen3 on the teacher's frozen vision tower, trained on "
-                      f"{self.plan.student_samples} of the teacher's {self.plan.n_train} training samples"],
-            "rows": rows,
-            "stages": {"teacher": teacher, **{k: v for k, v in dirs.items()}},
-            "timings": self.timings,
-        })
+        report = write_report(
+            self.out,
+            {
+                "title": "modistill demo: LLaVA-MoD on the scenes world",
+                "notes": [
+                    f"seed {self.seed}; plan {json.dumps(to_dict(self.plan))}",
+                    f"caption noise {self.plan.caption_noise}: that share of training captions names an object "
+                    "that is not in the image (web-caption noise); hallucination is measured by an oracle "
+                    "that knows each test image's scene graph",
+                    "student = smaller Qwen3 on the teacher's frozen vision tower, trained on "
+                    f"{self.plan.student_samples} of the teacher's {self.plan.n_train} training samples",
+                ],
+                "rows": rows,
+                "stages": {"teacher": teacher, **{k: v for k, v in dirs.items()}},
+                "timings": self.timings,
+            },
+        )
         print("\n" + table_markdown(rows))
         print(f"\nreport: {report['markdown']} (and {report['html'].name}); total {self.timings['total']:.0f} s")
         return {"rows": rows, "timings": self.timings, "report": report}
 
 
-def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False, fresh: bool = False,
-             progress: bool = True) -> dict:
+def run_demo(
+    out: str | Path = "runs/demo", seed: int = 0, quick: bool = False, fresh: bool = False, progress: bool = True
+) -> dict:
     out = Path(out)
     marker = out / "demo.json"
     plan = QUICK if quick else FULL
     settings = {"seed": seed, "quick": quick, "plan": to_dict(plan)}
-    ours = out.is_dir() and is_ours(out, legacy=("demo.json",), kind="demo") and (marker.is_file() or not any(out.iterdir()))
+    ours = (
+        out.is_dir()
+        and is_ours(out, legacy=("demo.json",), kind="demo")
+        and (marker.is_file() or not any(out.iterdir()))
+    )
     if fresh and out.exists():
         if not ours:
             raise UserError(f"{out}: not a demo directory; refusing to delete it (choose another --out)")
@@ -257,7 +385,9 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False, 
         if not ours:
             raise UserError(f"{out}: exists and is not a demo directory; choose another --out")
         if json.loads(marker.read_text()) != settings:
-            raise UserError(f"{out}: holds a demo run with other settings (seed/--quick); pass --fresh or another --out")
+            raise UserError(
+                f"{out}: holds a demo run with other settings (seed/--quick); pass --fresh or another --out"
+            )
     out.mkdir(parents=True, exist_ok=True)
     mark(out, "demo")
     write_json_atomic(marker, settings)

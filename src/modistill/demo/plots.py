@@ -80,15 +80,19 @@ def expert_load(stages: dict[str, Path], out: Path) -> Path | None:
 
 def metric_bars(rows: list[dict], out: Path) -> Path:
     """Accuracy (higher is better) and hallucination (lower is better) per model."""
-    metrics = [("vqa_accuracy", "VQA accuracy"), ("pope_f1", "POPE F1"),
-               ("caption_hallucination_greedy", "caption halluc. (greedy)"),
-               ("caption_hallucination_sampled", "caption halluc. (T=1)"), ("caption_coverage", "caption coverage")]
+    metrics = [
+        ("vqa_accuracy", "VQA accuracy"),
+        ("pope_f1", "POPE F1"),
+        ("caption_hallucination_greedy", "caption halluc. (greedy)"),
+        ("caption_hallucination_sampled", "caption halluc. (T=1)"),
+        ("caption_coverage", "caption coverage"),
+    ]
     names = [r["model"] for r in rows]
     x = np.arange(len(metrics))
     width = 0.8 / max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(metrics) + 0.4 * len(rows)), 3.6))
     for i, row in enumerate(rows):
-        values = [row.get(m) if row.get(m) is not None else np.nan for m, _ in metrics]
+        values = [float(row[m]) if row.get(m) is not None else np.nan for m, _ in metrics]
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, values, width, label=names[i])
     ax.set_xticks(x, [label for _, label in metrics], fontsize=8)
     ax.set_ylim(0, 1.05)
@@ -125,8 +129,11 @@ def hallucination_vs_accuracy(rows: list[dict], out: Path) -> Path:
 
 
 _ROUTER = re.compile(r"^router/L(\d+)/(entropy|dead_experts|topk_changed)$")
-ROUTER_PANELS = (("entropy", "router entropy (nats)"), ("dead_experts", "dead experts (top-1 share < 1 %)"),
-                 ("topk_changed", "tokens whose top-k changed since upcycling"))
+ROUTER_PANELS = (
+    ("entropy", "router entropy (nats)"),
+    ("dead_experts", "dead experts (top-1 share < 1 %)"),
+    ("topk_changed", "tokens whose top-k changed since upcycling"),
+)
 
 
 def router_metrics(stages: dict[str, Path], out: Path) -> Path | None:

@@ -91,8 +91,11 @@ def _delta(before: dict, after: dict, key: str) -> float | None:
 NO_ESTIMATE_THRESHOLD = 0.05
 
 # Which sample size goes with which rate (None: not a proportion, no noise estimate).
-_SAMPLE_SIZE = {"vqa_accuracy": "vqa_n", "caption_hallucination_sampled": "caption_sampled_n",
-                "caption_hallucination_greedy": "caption_greedy_n"}
+_SAMPLE_SIZE = {
+    "vqa_accuracy": "vqa_n",
+    "caption_hallucination_sampled": "caption_sampled_n",
+    "caption_hallucination_greedy": "caption_greedy_n",
+}
 
 
 def beyond_noise(before: dict, after: dict, key: str) -> bool | None:
@@ -117,23 +120,34 @@ def findings(rows: list[dict], teacher: str = "teacher") -> list[str]:
     students = [r for r in rows if r["model"].startswith("student")]
     if t and students:
         final = students[-1]
-        for key, what in (("caption_hallucination_sampled", "sampled (T=1)"),
-                          ("caption_hallucination_greedy", "greedy")):
+        for key, what in (
+            ("caption_hallucination_sampled", "sampled (T=1)"),
+            ("caption_hallucination_greedy", "greedy"),
+        ):
             if final.get(key) is not None and t.get(key) is not None:
                 verdict = "below" if final[key] < t[key] else "NOT below"
                 noise = {True: "", False: " (within noise: less than 2 s.e.)", None: ""}[beyond_noise(t, final, key)]
-                out.append(f"Final student ({final['model']}) caption hallucination, {what}: {final[key]:.3f}, "
-                           f"{verdict} the teacher's {t[key]:.3f}{noise}.")
+                out.append(
+                    f"Final student ({final['model']}) caption hallucination, {what}: {final[key]:.3f}, "
+                    f"{verdict} the teacher's {t[key]:.3f}{noise}."
+                )
         if final.get("vqa_accuracy") is not None and t.get("vqa_accuracy") is not None:
-            out.append(f"Final student VQA accuracy {final['vqa_accuracy']:.3f} vs teacher {t['vqa_accuracy']:.3f} "
-                       f"with {final.get('params_activated_m', 0):.2f}M vs {t.get('params_activated_m', 0):.2f}M "
-                       f"activated parameters.")
+            out.append(
+                f"Final student VQA accuracy {final['vqa_accuracy']:.3f} vs teacher {t['vqa_accuracy']:.3f} "
+                f"with {final.get('params_activated_m', 0):.2f}M vs {t.get('params_activated_m', 0):.2f}M "
+                f"activated parameters."
+            )
     for prev, cur in zip(students, students[1:]):
-        parts, better, worse = [], [], []
-        for key, label, sign in (("vqa_accuracy", "VQA", 1), ("pope_f1", "POPE F1", 1),
-                                 ("caption_hallucination_sampled", "halluc. T=1", -1),
-                                 ("caption_hallucination_greedy", "halluc. greedy", -1),
-                                 ("caption_coverage", "coverage", 1)):
+        parts: list[str] = []
+        better: list[str] = []
+        worse: list[str] = []
+        for key, label, sign in (
+            ("vqa_accuracy", "VQA", 1),
+            ("pope_f1", "POPE F1", 1),
+            ("caption_hallucination_sampled", "halluc. T=1", -1),
+            ("caption_hallucination_greedy", "halluc. greedy", -1),
+            ("caption_coverage", "coverage", 1),
+        ):
             d = _delta(prev, cur, key)
             if d is None:
                 continue
@@ -151,8 +165,10 @@ def findings(rows: list[dict], teacher: str = "teacher") -> list[str]:
             verdict = "no change beyond noise at this scale"
         out.append(f"{prev['model']} → {cur['model']}: {', '.join(parts)} ({verdict}).")
     if len(students) > 1:
-        out.append("* = beyond 2 standard errors (difference of proportions; sampled captions counted per image); "
-                   f"† = no noise estimate for this metric, |Δ| > {NO_ESTIMATE_THRESHOLD}.")
+        out.append(
+            "* = beyond 2 standard errors (difference of proportions; sampled captions counted per image); "
+            f"† = no noise estimate for this metric, |Δ| > {NO_ESTIMATE_THRESHOLD}."
+        )
     return out
 
 
@@ -187,17 +203,24 @@ def _markdown(results: dict, figures: dict[str, Path | None]) -> str:
     lines = [f"# {results['title']}", ""]
     lines += [f"- {note}" for note in results.get("notes", [])]
     lines += ["", "## Results on held-out scenes", "", table_markdown(results["rows"]), ""]
-    lines += ["Hallucination = share of captions mentioning an object that is not in the image (oracle-scored, "
-              "unparseable counted as hallucinated; Object-HalBench's *response* rate); *mention* = share of "
-              "mentioned objects that are not there. ↑ higher is better, ↓ lower is better.", ""]
+    lines += [
+        "Hallucination = share of captions mentioning an object that is not in the image (oracle-scored, "
+        "unparseable counted as hallucinated; Object-HalBench's *response* rate); *mention* = share of "
+        "mentioned objects that are not there. ↑ higher is better, ↓ lower is better.",
+        "",
+    ]
     lines += ["## Findings", ""] + [f"- {f}" for f in results["findings"]] + [""]
     lines += ["## Figures", ""]
-    for key, title in (("bars", "Accuracy and hallucination per model"),
-                       ("scatter", "Hallucination vs accuracy"), ("losses", "Training losses"),
-                       ("expert_load", "Expert load per MoE layer"),
-                       ("router", "Router entropy, dead experts and routing drift since upcycling (stages 1b, 2)")):
-        if figures.get(key) is not None:
-            lines += [f"### {title}", "", f"![{title}](figures/{figures[key].name})", ""]
+    for key, title in (
+        ("bars", "Accuracy and hallucination per model"),
+        ("scatter", "Hallucination vs accuracy"),
+        ("losses", "Training losses"),
+        ("expert_load", "Expert load per MoE layer"),
+        ("router", "Router entropy, dead experts and routing drift since upcycling (stages 1b, 2)"),
+    ):
+        figure = figures.get(key)
+        if figure is not None:
+            lines += [f"### {title}", "", f"![{title}](figures/{figure.name})", ""]
     lines += ["## Timings (seconds)", ""] + [f"- {k}: {v:.1f}" for k, v in results.get("timings", {}).items()]
     return "\n".join(lines) + "\n"
 
@@ -209,16 +232,23 @@ def _html(results: dict, figures: dict[str, Path | None]) -> str:
         "<tr>" + "".join(f"<td>{esc(_fmt(r.get(k), spec))}</td>" for k, _, spec in COLUMNS) + "</tr>"
         for r in results["rows"]
     )
-    imgs = "".join(f'<figure><img src="figures/{esc(p.name)}" alt="{esc(k)}"></figure>'
-                   for k, p in figures.items() if p is not None)
+    imgs = "".join(
+        f'<figure><img src="figures/{esc(p.name)}" alt="{esc(k)}"></figure>'
+        for k, p in figures.items()
+        if p is not None
+    )
     notes = "".join(f"<li>{esc(n)}</li>" for n in results.get("notes", []))
     finds = "".join(f"<li>{esc(f)}</li>" for f in results["findings"])
     timings = "".join(f"<li>{esc(k)}: {v:.1f} s</li>" for k, v in results.get("timings", {}).items())
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(results['title'])}</title>"
-            f"<style>{style}</style></head><body><h1>{esc(results['title'])}</h1><ul>{notes}</ul>"
-            f"<h2>Results on held-out scenes</h2><table><tr>{head}</tr>{body}</table>"
-            f"<h2>Findings</h2><ul>{finds}</ul><h2>Figures</h2>{imgs}<h2>Timings</h2><ul>{timings}</ul>"
-            "</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(results['title'])}</title>"
+        f"<style>{style}</style></head><body><h1>{esc(results['title'])}</h1><ul>{notes}</ul>"
+        f"<h2>Results on held-out scenes</h2><table><tr>{head}</tr>{body}</table>"
+        f"<h2>Findings</h2><ul>{finds}</ul><h2>Figures</h2>{imgs}<h2>Timings</h2><ul>{timings}</ul>"
+        "</body></html>\n"
+    )

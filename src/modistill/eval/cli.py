@@ -9,18 +9,32 @@ from typing import Any
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="VLM directory (save_pretrained: config.json + processor files)")
-    parser.add_argument("--data", action="append", required=True, metavar="FILE.jsonl",
-                        help="eval file (VQA, POPE or captions; kind read from its rows); repeatable")
+    parser.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="FILE.jsonl",
+        help="eval file (VQA, POPE or captions; kind read from its rows); repeatable",
+    )
     parser.add_argument("--out", default=None, help="write all metrics and per-item predictions to this JSON file")
-    parser.add_argument("--image-root", default=None,
-                        help="folder the rows' image paths are relative to (default: the file's folder, then its parent)")
+    parser.add_argument(
+        "--image-root",
+        default=None,
+        help="folder the rows' image paths are relative to (default: the file's folder, then its parent)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--caption-samples", type=int, default=0,
-                        help="also sample N captions per image (pure sampling at --caption-temperature), reported beside greedy")
+    parser.add_argument(
+        "--caption-samples",
+        type=int,
+        default=0,
+        help="also sample N captions per image (pure sampling at --caption-temperature), reported beside greedy",
+    )
     parser.add_argument("--caption-temperature", type=float, default=1.0)
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows of each file")
-    parser.add_argument("--efficiency", action="store_true", help="also measure parameters, decode tokens/s and peak memory")
+    parser.add_argument(
+        "--efficiency", action="store_true", help="also measure parameters, decode tokens/s and peak memory"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of sampled decoding")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -29,7 +43,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="VLM directory")
     parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("question", help="the question or instruction, e.g. \"Describe the image.\"")
+    parser.add_argument("question", help='the question or instruction, e.g. "Describe the image."')
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
 
@@ -49,8 +63,10 @@ def _count(n: int) -> str:
 
 
 def _caption_line(m: dict[str, Any]) -> str:
-    return (f"response {_f(m.get('response_hallucination'))}  mention {_f(m.get('mention_hallucination'))}  "
-            f"coverage {_f(m.get('coverage'))}  unparseable {_f(m.get('unparseable'))}")
+    return (
+        f"response {_f(m.get('response_hallucination'))}  mention {_f(m.get('mention_hallucination'))}  "
+        f"coverage {_f(m.get('coverage'))}  unparseable {_f(m.get('unparseable'))}"
+    )
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -64,10 +80,15 @@ def format_results(results: dict[str, Any]) -> str:
             lines.append(f"{head} accuracy {_f(m['accuracy'])}   ({per})")
         elif kind == "pope":
             o = m["overall"]
-            lines.append(f"{head} accuracy {_f(o['accuracy'])}  precision {_f(o['precision'])}  recall {_f(o['recall'])}  "
-                         f"F1 {_f(o['f1'])}  yes-ratio {_f(o['yes_ratio'])}  unparseable {_f(o['unparseable'])}")
+            lines.append(
+                f"{head} accuracy {_f(o['accuracy'])}  precision {_f(o['precision'])}  recall {_f(o['recall'])}  "
+                f"F1 {_f(o['f1'])}  yes-ratio {_f(o['yes_ratio'])}  unparseable {_f(o['unparseable'])}"
+            )
             for split, s in m["splits"].items():
-                lines.append(f"{'':<29}{split:<12} accuracy {_f(s['accuracy'])}  F1 {_f(s['f1'])}  yes-ratio {_f(s['yes_ratio'])}")
+                lines.append(
+                    f"{'':<29}{split:<12} accuracy {_f(s['accuracy'])}  F1 {_f(s['f1'])}  yes-ratio "
+                    f"{_f(s['yes_ratio'])}"
+                )
         else:
             lines.append(f"{head} {'greedy':<17}{_caption_line(m['greedy'])}")
             if "sampled" in m:
@@ -82,7 +103,8 @@ def format_results(results: dict[str, Any]) -> str:
             f"efficiency   parameters {_count(p['total'])} total / {_count(p['activated'])} activated; "
             f"decode tokens/s {_f(eff['batch1']['decode_tokens_per_s'], 1)} (batch 1), "
             f"{_f(eff['batched']['decode_tokens_per_s'], 1)} (batch {eff['batched']['batch_size']}); "
-            f"memory peak {_mb(mem.get('peak_bytes'))}, +{_mb(mem.get('delta_bytes'))} during generation ({mem.get('method', 'n/a')})"
+            f"memory peak {_mb(mem.get('peak_bytes'))}, +{_mb(mem.get('delta_bytes'))} during generation "
+            f"({mem.get('method', 'n/a')})"
         )
     return "\n".join(lines)
 
@@ -91,10 +113,19 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from modistill.eval.run import evaluate, results_path
 
     results = evaluate(
-        args.model, args.data, args.out, image_root=args.image_root, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, caption_samples=args.caption_samples,
-        caption_temperature=args.caption_temperature, limit=args.limit, efficiency=args.efficiency,
-        seed=args.seed, dtype=args.dtype, progress=not args.no_progress,
+        args.model,
+        args.data,
+        args.out,
+        image_root=args.image_root,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        caption_samples=args.caption_samples,
+        caption_temperature=args.caption_temperature,
+        limit=args.limit,
+        efficiency=args.efficiency,
+        seed=args.seed,
+        dtype=args.dtype,
+        progress=not args.no_progress,
     )
     print(format_results(results))
     if args.out is not None:
@@ -108,7 +139,13 @@ def run_chat_command(args: argparse.Namespace) -> int:
 
     image = load_image(args.image)  # a missing image fails before the model loads
     loaded, _ = load_vlm(args.model, args.dtype)
-    answer = generate_answers(loaded.model, loaded.processor, [{"image": image, "text": args.question}],
-                              batch_size=1, max_new_tokens=args.max_new_tokens, progress=False)
+    answer = generate_answers(
+        loaded.model,
+        loaded.processor,
+        [{"image": image, "text": args.question}],
+        batch_size=1,
+        max_new_tokens=args.max_new_tokens,
+        progress=False,
+    )
     print(answer[0])
     return 0

@@ -179,12 +179,16 @@ def measure_efficiency(
     model.eval()
 
     def run(batch: dict[str, torch.Tensor], n: int) -> Callable[[], Any]:
-        kwargs = generation_kwargs(model, processor, max_new_tokens=n, min_new_tokens=n, do_sample=False, temperature=1.0)
+        kwargs = generation_kwargs(
+            model, processor, max_new_tokens=n, min_new_tokens=n, do_sample=False, temperature=1.0
+        )
 
         def go() -> None:
             out = model.generate(**batch, **kwargs)
             if out.shape[1] - batch["input_ids"].shape[1] != n:  # the count is what the speed divides by
-                raise RuntimeError(f"generate() stopped after {out.shape[1] - batch['input_ids'].shape[1]} of {n} tokens")
+                raise RuntimeError(
+                    f"generate() stopped after {out.shape[1] - batch['input_ids'].shape[1]} of {n} tokens"
+                )
 
         return go
 

@@ -40,8 +40,10 @@ def render_prompt(processor: Any, question: str) -> str:
     try:
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except ValueError as exc:  # no chat template: transformers raises ValueError
-        raise UserError(f"the model's processor cannot render a chat prompt ({str(exc).splitlines()[0]}); "
-                        "save the processor with a chat_template") from None
+        raise UserError(
+            f"the model's processor cannot render a chat prompt ({str(exc).splitlines()[0]}); "
+            "save the processor with a chat_template"
+        ) from None
 
 
 @contextmanager
@@ -76,8 +78,11 @@ def load_image(image: str | Path | Image.Image, image_root: str | Path | None = 
         except UnsafeImage as exc:
             raise UserError(f"{prefix}image {exc}") from None
     if not path.exists():
-        hint = "pass --image-root DIR (the folder image paths are relative to)" if image_root is not None \
+        hint = (
+            "pass --image-root DIR (the folder image paths are relative to)"
+            if image_root is not None
             else "check the path"
+        )
         raise UserError(f"{prefix}image {path} not found; {hint}")
     try:
         return _open_image(str(path.resolve()))
@@ -138,7 +143,7 @@ def generate_answers(
     image_root: str | Path | None = None,
     progress: bool = True,
     desc: str = "generating",
-) -> list[str] | list[list[str]]:
+) -> list[Any]:
     """Answer each item ({"image": path or PIL image, "text": question, optional "source": "file:line"}).
 
     Returns one stripped string per item (special tokens skipped), or, when num_samples > 1, a list
@@ -146,14 +151,21 @@ def generate_answers(
     with `seed` once, so a run is reproducible for a fixed batch size and item order."""
     check_vlm(model, processor)
     if batch_size < 1 or max_new_tokens < 1 or num_samples < 1:
-        raise UserError(f"batch_size, max_new_tokens and num_samples must be >= 1 (got {batch_size}, {max_new_tokens}, {num_samples})")
+        raise UserError(
+            f"batch_size, max_new_tokens and num_samples must be >= 1 (got {batch_size}, {max_new_tokens}, "
+            f"{num_samples})"
+        )
     if num_samples > 1 and not do_sample:
         raise UserError("num_samples > 1 needs sampling (do_sample=True): greedy decoding gives one answer")
     prompts = [render_prompt(processor, str(item["text"])) for item in items]
     # Batch by prompt length: rows of one batch then need little padding.
-    lengths = [len(ids) for ids in processor.tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+    lengths = (
+        [len(ids) for ids in processor.tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+    )
     order = sorted(range(len(items)), key=lambda i: lengths[i])
-    kwargs = generation_kwargs(model, processor, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature)
+    kwargs = generation_kwargs(
+        model, processor, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature
+    )
     if num_samples > 1:
         kwargs["num_return_sequences"] = num_samples
     answers: list[Any] = [None] * len(items)

@@ -58,15 +58,19 @@ def _generic_match(prediction: str, answer: str) -> bool:
     return bool(normalise_answer(prediction)) and normalise_answer(prediction) == normalise_answer(answer)
 
 
-def vqa_correct(predictions: Sequence[str], answers: Sequence[str], types: Sequence[str], matcher: str = "auto") -> list[bool]:
+def vqa_correct(
+    predictions: Sequence[str], answers: Sequence[str], types: Sequence[str], matcher: str = "auto"
+) -> list[bool]:
     """Per-item normalised exact match (see `vqa_metrics` for the matchers)."""
     if not len(predictions) == len(answers) == len(types):
         raise ValueError(f"lengths differ: {len(predictions)} predictions, {len(answers)} answers, {len(types)} types")
     matcher = resolve_matcher(matcher, types)
     if matcher == "scenes":
         generic = set(unknown_types(types))
-        return [_generic_match(p, g) if i in generic else answer_matches(p, g, t)
-                for i, (p, g, t) in enumerate(zip(predictions, answers, types))]
+        return [
+            _generic_match(p, g) if i in generic else answer_matches(p, g, t)
+            for i, (p, g, t) in enumerate(zip(predictions, answers, types))
+        ]
     return [_generic_match(p, g) for p, g in zip(predictions, answers)]
 
 
@@ -108,7 +112,7 @@ _YES_RE = re.compile(r"\byes\b", re.IGNORECASE)
 
 
 def parse_yes_no(text: str, rule: str = "strict") -> str | None:
-    """"yes", "no" or None (unparseable), following POPE's official evaluation rule.
+    """ "yes", "no" or None (unparseable), following POPE's official evaluation rule.
 
     Official rule (RUCAIBox/POPE evaluate.py, also LLaVA's eval_pope.py): keep the text before the
     first ".", drop commas, split on spaces; if a word is "No", "no" or "not" the answer is no,

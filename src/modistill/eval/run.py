@@ -18,20 +18,29 @@ from typing import Any
 import torch
 
 from modistill.data.image_safety import UnsafeImage, check_regular_file, confine
-from modistill.scenes.oracle import score_caption
-from modistill.scenes.text import QUESTION_TYPES
-from modistill.scenes.world import Scene
 from modistill.errors import UserError
 from modistill.eval.efficiency import measure_efficiency
 from modistill.eval.generate import check_vlm, generate_answers, load_image
 from modistill.eval.metrics import (
-    caption_hallucination, parse_yes_no, pope_metrics, unknown_types, vqa_correct, vqa_metrics,
+    caption_hallucination,
+    parse_yes_no,
+    pope_metrics,
+    unknown_types,
+    vqa_correct,
+    vqa_metrics,
 )
 from modistill.io import write_json_atomic
 from modistill.models.load import LoadedModel, load_config, load_model
+from modistill.scenes.oracle import score_caption
+from modistill.scenes.text import QUESTION_TYPES
+from modistill.scenes.world import Scene
 
 KINDS = ("vqa", "pope", "captions")
-_REQUIRED = {"vqa": ("image", "text", "answer"), "pope": ("image", "text", "label"), "captions": ("image", "text", "scene")}
+_REQUIRED = {
+    "vqa": ("image", "text", "answer"),
+    "pope": ("image", "text", "label"),
+    "captions": ("image", "text", "scene"),
+}
 
 
 @dataclass
@@ -78,7 +87,9 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             try:
                 pairs.append((json.loads(line), f"{path}:{lineno}"))
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+                raise UserError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object"
+                ) from None
     for row, where in pairs:
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -103,8 +114,9 @@ def _image_root(path: Path, rows: list[dict[str, Any]], where: list[str], image_
     )
 
 
-def load_eval_file(path: str | Path, name: str | None = None, image_root: str | Path | None = None,
-                   limit: int | None = None) -> EvalSet:
+def load_eval_file(
+    path: str | Path, name: str | None = None, image_root: str | Path | None = None, limit: int | None = None
+) -> EvalSet:
     """Read and validate an eval file: kind, required keys, labels, scenes, every image present."""
     path = Path(path)
     rows, where = _read_rows(path)
@@ -113,13 +125,15 @@ def load_eval_file(path: str | Path, name: str | None = None, image_root: str | 
     kind = detect_kind(rows[0])
     if kind is None:
         raise UserError(
-            f"{where[0]}: cannot tell the eval kind; a row needs \"answer\" (VQA), \"label\" (POPE) or \"scene\" (captions)"
+            f'{where[0]}: cannot tell the eval kind; a row needs "answer" (VQA), "label" (POPE) or "scene" (captions)'
         )
     for row, w in zip(rows, where):
         missing = [k for k in _REQUIRED[kind] if k not in row]
         if missing or detect_kind(row) != kind:
-            raise UserError(f"{w}: a {kind} row needs {', '.join(_REQUIRED[kind])} (missing {', '.join(missing) or 'nothing'}; "
-                            f"mixed kinds in one file are not supported)")
+            raise UserError(
+                f"{w}: a {kind} row needs {', '.join(_REQUIRED[kind])} (missing {', '.join(missing) or 'nothing'}; "
+                f"mixed kinds in one file are not supported)"
+            )
         if kind == "pope" and str(row["label"]).strip().lower() not in ("yes", "no"):
             raise UserError(f"{w}: POPE label must be yes or no, got {row['label']!r}")
     root = _image_root(path, rows, where, image_root)
@@ -131,8 +145,9 @@ def load_eval_file(path: str | Path, name: str | None = None, image_root: str | 
         except UnsafeImage as exc:
             raise UserError(f"{w}: image {exc}") from None
         except OSError:
-            raise UserError(f"{w}: image {image} not found; pass --image-root DIR "
-                            f"(the folder the image paths are relative to)") from None
+            raise UserError(
+                f"{w}: image {image} not found; pass --image-root DIR (the folder the image paths are relative to)"
+            ) from None
     scenes = [Scene.from_json(row["scene"], where=w) for row, w in zip(rows, where)] if kind == "captions" else []
     return EvalSet(name or kind, kind, path, rows, where, root, scenes)
 
@@ -174,9 +189,11 @@ def _score_vqa(s: EvalSet, preds: list[str]) -> tuple[dict[str, Any], list[dict[
     generic = unknown_types(types)
     if generic:  # a scenes set with rows of unknown type: say so, they are scored apart
         first = generic[0]
-        print(f"warning: {s.where[first]}: question type {types[first]!r} is not a scenes type "
-              f"({', '.join(QUESTION_TYPES)}); {len(generic)} of {len(types)} rows scored by generic exact match",
-              flush=True)
+        print(
+            f"warning: {s.where[first]}: question type {types[first]!r} is not a scenes type "
+            f"({', '.join(QUESTION_TYPES)}); {len(generic)} of {len(types)} rows scored by generic exact match",
+            flush=True,
+        )
     correct = vqa_correct(preds, answers, types)
     per_item = [
         {"question_id": _qid(r, w), "type": t, "answer": a, "prediction": p, "correct": ok}
@@ -202,8 +219,16 @@ def _score_captions(
     per_item = []
     for r, w, scene, p in zip(s.rows, s.where, s.scenes, preds):
         score = score_caption(p, scene)
-        per_item.append({"question_id": _qid(r, w), "image": r["image"], "prediction": p, "parseable": score.parseable,
-                         "hallucinated": score.hallucinated, "coverage": score.coverage})
+        per_item.append(
+            {
+                "question_id": _qid(r, w),
+                "image": r["image"],
+                "prediction": p,
+                "parseable": score.parseable,
+                "hallucinated": score.hallucinated,
+                "coverage": score.coverage,
+            }
+        )
     if samples is not None:
         flat = [c for per_image in samples for c in per_image]
         scenes = [scene for scene, per_image in zip(s.scenes, samples) for _ in per_image]
@@ -225,7 +250,10 @@ def load_vlm(model: str | Path | LoadedModel, dtype: str = "float32") -> tuple[L
         return model, getattr(model.model.config, "_name_or_path", "") or type(model.model).__name__
     config = load_config(model)
     if not hasattr(config, "vision_config"):  # refuse before loading weights
-        raise UserError(f"{model}: a {config.model_type!r} model is not a vision-language model; evaluation needs a Llava VLM directory")
+        raise UserError(
+            f"{model}: a {config.model_type!r} model is not a vision-language model; evaluation needs a Llava "
+            "VLM directory"
+        )
     loaded = load_model(model, dtype=dtype)
     check_vlm(loaded.model, loaded.processor)
     return loaded, str(model)
@@ -290,14 +318,25 @@ def evaluate(
             raise UserError(f"--out {out}: cannot create its folder ({exc.strerror}); choose another path") from None
     loaded, model_name = load_vlm(model, dtype)
     mdl, proc = loaded.model, loaded.processor
-    gen = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+    gen: dict[str, Any] = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
     results: dict[str, Any] = {
         "model": model_name,
-        "settings": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "decoding": "greedy",
-                     "caption_samples": caption_samples, "caption_temperature": caption_temperature,
-                     "limit": limit, "seed": seed, "dtype": str(next(mdl.parameters()).dtype).replace("torch.", ""),
-                     "device": str(mdl.device), "threads": torch.get_num_threads()},
-        "files": {}, "metrics": {}, "predictions": {}, "seconds": {},
+        "settings": {
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "decoding": "greedy",
+            "caption_samples": caption_samples,
+            "caption_temperature": caption_temperature,
+            "limit": limit,
+            "seed": seed,
+            "dtype": str(next(mdl.parameters()).dtype).replace("torch.", ""),
+            "device": str(mdl.device),
+            "threads": torch.get_num_threads(),
+        },
+        "files": {},
+        "metrics": {},
+        "predictions": {},
+        "seconds": {},
     }
     for s in sets:
         t0 = time.perf_counter()
@@ -310,13 +349,26 @@ def evaluate(
         else:
             samples = None
             if caption_samples:
-                samples = generate_answers(mdl, proc, items, image_root=s.image_root, do_sample=True,
-                                           temperature=caption_temperature, num_samples=caption_samples,
-                                           desc=f"{s.name} (sampled)", **gen)
+                samples = generate_answers(
+                    mdl,
+                    proc,
+                    items,
+                    image_root=s.image_root,
+                    do_sample=True,
+                    temperature=caption_temperature,
+                    num_samples=caption_samples,
+                    desc=f"{s.name} (sampled)",
+                    **gen,
+                )
                 if caption_samples == 1:
                     samples = [[c] for c in samples]
             metrics, per_item = _score_captions(s, preds, samples, caption_temperature)
-        results["files"][s.name] = {"path": str(s.path), "kind": s.kind, "image_root": str(s.image_root), "n": len(s.rows)}
+        results["files"][s.name] = {
+            "path": str(s.path),
+            "kind": s.kind,
+            "image_root": str(s.image_root),
+            "n": len(s.rows),
+        }
         results["metrics"][s.name] = metrics
         results["predictions"][s.name] = per_item
         results["seconds"][s.name] = round(time.perf_counter() - t0, 3)
@@ -324,8 +376,14 @@ def evaluate(
         first = sets[0]
         caption_set = next((s for s in sets if s.kind == "captions"), first)
         image = load_image(caption_set.rows[0]["image"], caption_set.image_root, caption_set.where[0])
-        results["efficiency"] = measure_efficiency(mdl, proc, image=image, prompt=str(caption_set.rows[0]["text"]),
-                                                   new_tokens=max(2, max_new_tokens), batch_size=batch_size)
+        results["efficiency"] = measure_efficiency(
+            mdl,
+            proc,
+            image=image,
+            prompt=str(caption_set.rows[0]["text"]),
+            new_tokens=max(2, max_new_tokens),
+            batch_size=batch_size,
+        )
     if out is not None:
         write_json_atomic(results_path(out), _json_safe(results))
     return results

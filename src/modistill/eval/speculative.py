@@ -47,8 +47,14 @@ class SpeculativeStats:
         self.accepted += other.accepted
         self.teacher_forwards += other.teacher_forwards
         self.generated += other.generated
-        self.per_prompt.append({"proposed": other.proposed, "accepted": other.accepted,
-                                "teacher_forwards": other.teacher_forwards, "generated": other.generated})
+        self.per_prompt.append(
+            {
+                "proposed": other.proposed,
+                "accepted": other.accepted,
+                "teacher_forwards": other.teacher_forwards,
+                "generated": other.generated,
+            }
+        )
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -72,9 +78,16 @@ def _keep(cache: DynamicCache, length: int) -> None:
 
 
 @torch.inference_mode()
-def speculative_generate(teacher: Any, draft: Any, teacher_inputs: dict[str, torch.Tensor],
-                         draft_inputs: dict[str, torch.Tensor], *, max_new_tokens: int, num_draft: int,
-                         eos: set[int]) -> tuple[list[int], SpeculativeStats]:
+def speculative_generate(
+    teacher: Any,
+    draft: Any,
+    teacher_inputs: dict[str, torch.Tensor],
+    draft_inputs: dict[str, torch.Tensor],
+    *,
+    max_new_tokens: int,
+    num_draft: int,
+    eos: set[int],
+) -> tuple[list[int], SpeculativeStats]:
     """Greedy speculative decoding of one prompt: (new token ids, stats). Inputs: batch-1 processor outputs."""
     if num_draft < 1:
         raise UserError(f"--num-draft must be >= 1, not {num_draft}")
@@ -126,25 +139,46 @@ def speculative_generate(teacher: Any, draft: Any, teacher_inputs: dict[str, tor
 
 
 @torch.inference_mode()
-def teacher_greedy(teacher: Any, inputs: dict[str, torch.Tensor], *, max_new_tokens: int, pad_id: int,
-                   eos: set[int]) -> list[int]:
+def teacher_greedy(
+    teacher: Any, inputs: dict[str, torch.Tensor], *, max_new_tokens: int, pad_id: int, eos: set[int]
+) -> list[int]:
     """The teacher alone, greedy, through transformers' `generate` (the reference the output must equal)."""
-    out = teacher.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_k=None,
-                           top_p=None, pad_token_id=pad_id, eos_token_id=sorted(eos), use_cache=True)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    out = teacher.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_k=None,
+        top_p=None,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos),
+        use_cache=True,
+    )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def check_pair(teacher: Any, t_proc: Any, draft: Any, d_proc: Any) -> None:
     if t_proc.tokenizer.get_vocab() != d_proc.tokenizer.get_vocab():
-        raise UserError("--draft-model: the draft's tokenizer differs from the teacher's; a drafter must share the "
-                        "teacher's tokenizer (a student distilled from it does)")
+        raise UserError(
+            "--draft-model: the draft's tokenizer differs from the teacher's; a drafter must share the "
+            "teacher's tokenizer (a student distilled from it does)"
+        )
     rows = min(teacher.get_output_embeddings().weight.shape[0], draft.get_output_embeddings().weight.shape[0])
     if rows < len(t_proc.tokenizer):
         raise UserError("--draft-model: a model's LM head is smaller than the tokenizer")
 
 
-def speculate(teacher: Any, t_proc: Any, draft: Any, d_proc: Any, items: list[dict[str, Any]], *,
-              max_new_tokens: int = 48, num_draft: int = 4, image_root: Any = None) -> dict[str, Any]:
+def speculate(
+    teacher: Any,
+    t_proc: Any,
+    draft: Any,
+    d_proc: Any,
+    items: list[dict[str, Any]],
+    *,
+    max_new_tokens: int = 48,
+    num_draft: int = 4,
+    image_root: Any = None,
+) -> dict[str, Any]:
     """Teacher alone vs teacher + draft on the same prompts (greedy, batch 1): identity, acceptance, speed-up."""
     check_pair(teacher, t_proc, draft, d_proc)
     teacher.eval()
@@ -158,29 +192,45 @@ def speculate(teacher: Any, t_proc: Any, draft: Any, d_proc: Any, items: list[di
         t_in = encode_batch(t_proc, [image], [render_prompt(t_proc, str(item["text"]))], teacher)
         d_in = encode_batch(d_proc, [image], [render_prompt(d_proc, str(item["text"]))], draft)
         start = time.perf_counter()
-        alone = teacher_greedy(teacher, t_in, max_new_tokens=max_new_tokens, pad_id=t_proc.tokenizer.pad_token_id,
-                               eos=eos)
+        alone = teacher_greedy(
+            teacher, t_in, max_new_tokens=max_new_tokens, pad_id=t_proc.tokenizer.pad_token_id, eos=eos
+        )
         time_alone += time.perf_counter() - start
         start = time.perf_counter()
-        spec, one = speculative_generate(teacher, draft, t_in, d_in, max_new_tokens=max_new_tokens,
-                                         num_draft=num_draft, eos=eos)
+        spec, one = speculative_generate(
+            teacher, draft, t_in, d_in, max_new_tokens=max_new_tokens, num_draft=num_draft, eos=eos
+        )
         time_spec += time.perf_counter() - start
         identical += int(alone == spec)
         stats.add(one)
     return {
-        "prompts": len(items), "identical": identical, "all_identical": identical == len(items),
-        "num_draft": num_draft, "max_new_tokens": max_new_tokens,
-        "acceptance_rate": stats.acceptance_rate, "tokens_per_teacher_forward": stats.tokens_per_teacher_forward,
-        "generated_tokens": stats.generated, "teacher_forwards": stats.teacher_forwards,
-        "seconds_teacher_alone": time_alone, "seconds_speculative": time_spec,
+        "prompts": len(items),
+        "identical": identical,
+        "all_identical": identical == len(items),
+        "num_draft": num_draft,
+        "max_new_tokens": max_new_tokens,
+        "acceptance_rate": stats.acceptance_rate,
+        "tokens_per_teacher_forward": stats.tokens_per_teacher_forward,
+        "generated_tokens": stats.generated,
+        "teacher_forwards": stats.teacher_forwards,
+        "seconds_teacher_alone": time_alone,
+        "seconds_speculative": time_spec,
         "speedup": time_alone / time_spec if time_spec > 0 else float("nan"),
         "per_prompt": stats.per_prompt,
     }
 
 
-def speculate_files(model: str, draft_model: str, data: list[str], *, limit: int | None = 20,
-                    max_new_tokens: int = 48, num_draft: int = 4, image_root: str | None = None,
-                    dtype: str = "float32") -> dict[str, Any]:
+def speculate_files(
+    model: str,
+    draft_model: str,
+    data: list[str],
+    *,
+    limit: int | None = 20,
+    max_new_tokens: int = 48,
+    num_draft: int = 4,
+    image_root: str | None = None,
+    dtype: str = "float32",
+) -> dict[str, Any]:
     """`modistill speculate`: load teacher and draft, read prompts from eval files, compare decoding."""
     from modistill.eval.run import load_eval_file, load_vlm  # the eval runner, only for this entry point
 
@@ -189,17 +239,29 @@ def speculate_files(model: str, draft_model: str, data: list[str], *, limit: int
     items = []
     for path in data:
         s = load_eval_file(path, limit=limit)
-        items += [{"image": str(s.image_root / str(r["image"])), "text": str(r["text"]), "source": w}
-                  for r, w in zip(s.rows, s.where, strict=True)]
-    result = speculate(teacher.model, teacher.processor, draft.model, draft.processor, items,
-                       max_new_tokens=max_new_tokens, num_draft=num_draft, image_root=image_root)
+        items += [
+            {"image": str(s.image_root / str(r["image"])), "text": str(r["text"]), "source": w}
+            for r, w in zip(s.rows, s.where, strict=True)
+        ]
+    result = speculate(
+        teacher.model,
+        teacher.processor,
+        draft.model,
+        draft.processor,
+        items,
+        max_new_tokens=max_new_tokens,
+        num_draft=num_draft,
+        image_root=image_root,
+    )
     result.update(model=str(model), draft_model=str(draft_model), data=[str(p) for p in data])
     return result
 
 
 def format_speculation(r: dict[str, Any]) -> str:
-    return (f"{r['prompts']} prompts, K={r['num_draft']} draft tokens: output identical to the teacher alone on "
-            f"{r['identical']}/{r['prompts']}; acceptance {r['acceptance_rate']:.3f}; "
-            f"{r['tokens_per_teacher_forward']:.2f} tokens per teacher forward; "
-            f"teacher alone {r['seconds_teacher_alone']:.2f} s, with the draft {r['seconds_speculative']:.2f} s "
-            f"(speed-up {r['speedup']:.2f}x)")
+    return (
+        f"{r['prompts']} prompts, K={r['num_draft']} draft tokens: output identical to the teacher alone on "
+        f"{r['identical']}/{r['prompts']}; acceptance {r['acceptance_rate']:.3f}; "
+        f"{r['tokens_per_teacher_forward']:.2f} tokens per teacher forward; "
+        f"teacher alone {r['seconds_teacher_alone']:.2f} s, with the draft {r['seconds_speculative']:.2f} s "
+        f"(speed-up {r['speedup']:.2f}x)"
+    )

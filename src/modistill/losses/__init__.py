@@ -10,8 +10,8 @@ from modistill.losses.divergence import (
     teacher_topk_to_coarse,
 )
 from modistill.losses.fused import chunked_token_logps, fused_distill_loss, topk_from_logits
-from modistill.losses.teachers import TeacherHidden, TeacherTopK
 from modistill.losses.preference import PREFERENCE_KINDS, preference_loss, sequence_logps
+from modistill.losses.teachers import TeacherHidden, TeacherTopK
 
 __all__ = [
     "BalanceStats",

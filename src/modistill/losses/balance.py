@@ -62,8 +62,11 @@ def balance_stats(
     """
     num_experts = router_logits[0].shape[-1]
     device = router_logits[0].device
-    weight = (torch.ones(router_logits[0].shape[0], device=device) if attention_mask is None
-              else attention_mask.reshape(-1).to(device=device, dtype=torch.float32))
+    weight = (
+        torch.ones(router_logits[0].shape[0], device=device)
+        if attention_mask is None
+        else attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
+    )
     counts, top1, prob_sums = [], [], []
     for logits in router_logits:
         probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
@@ -98,11 +101,12 @@ def all_reduce_stats(stats: BalanceStats) -> BalanceStats:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return BalanceStats(stats.counts, stats.top1, stats.prob_sums.detach(), stats.tokens)
     layers, experts = stats.counts.shape
-    packed = torch.cat([stats.counts, stats.top1, stats.prob_sums.detach(),
-                        stats.tokens.reshape(1, 1).expand(layers, 1)], dim=1).contiguous()
+    packed = torch.cat(
+        [stats.counts, stats.top1, stats.prob_sums.detach(), stats.tokens.reshape(1, 1).expand(layers, 1)], dim=1
+    ).contiguous()
     dist.all_reduce(packed)
     e = experts
-    return BalanceStats(packed[:, :e], packed[:, e:2 * e], packed[:, 2 * e:3 * e], packed[0, 3 * e])
+    return BalanceStats(packed[:, :e], packed[:, e : 2 * e], packed[:, 2 * e : 3 * e], packed[0, 3 * e])
 
 
 @dataclass
@@ -120,7 +124,9 @@ class BalanceTerms:
 
 
 def balance_terms(
-    router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask: torch.Tensor | None = None,
+    router_logits: tuple[torch.Tensor, ...],
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
     scope: str = "global",
 ) -> BalanceTerms:
     """The balance term of this rank for `scope` `global` (statistics over all ranks) or `local`.

@@ -223,8 +223,9 @@ class Chunks:
             return False
         return not isinstance(self.teacher, TeacherTopK) or self.teacher.ids.shape[-1] < self.vocab
 
-    def closed_form(self, logits: Tensor, start: int, end: int, coefficients,
-                    workspace: _Workspace) -> tuple[Tensor, Tensor | None] | None:
+    def closed_form(
+        self, logits: Tensor, start: int, end: int, coefficients, workspace: _Workspace
+    ) -> tuple[Tensor, Tensor | None] | None:
         """Sums and logit gradient in closed form (None: use the general path)."""
         rows = end - start
         chunk = self._teacher(start, end)
@@ -236,8 +237,15 @@ class Chunks:
                 raw = chunk.logits(logits.shape[-1], workspace.get("teacher", rows))
                 raw = raw.div_(self.temperature) if self.temperature != 1.0 else raw
                 teacher = ("full", torch.log_softmax(raw, dim=-1, out=workspace.get("teacher_logp", rows)), None)
-            return _closed_form(logits, teacher, self._labels(start, end), self.counted[start:end], self.temperature,
-                                coefficients, workspace)
+            return _closed_form(
+                logits,
+                teacher,
+                self._labels(start, end),
+                self.counted[start:end],
+                self.temperature,
+                coefficients,
+                workspace,
+            )
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -381,8 +389,9 @@ class FrozenHeadTokenLogps(torch.autograd.Function):
     checkpointed chunk, which recomputes the logits."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int,
-                temperature: float) -> Tensor:
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int, temperature: float
+    ) -> Tensor:
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_rows = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], chunk_size):

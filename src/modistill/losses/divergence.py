@@ -44,9 +44,7 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 def check_kind(kind: str) -> None:
     """Raise ValueError unless ``kind`` is one of DIVERGENCE_KINDS."""
     if kind not in DIVERGENCE_KINDS:
-        raise ValueError(
-            f"unknown divergence kind {kind!r}; valid kinds: {', '.join(DIVERGENCE_KINDS)}"
-        )
+        raise ValueError(f"unknown divergence kind {kind!r}; valid kinds: {', '.join(DIVERGENCE_KINDS)}")
 
 
 def check_coefficients(kind: str, beta: float, alpha: float) -> None:
@@ -156,8 +154,7 @@ def shift_for_next_token(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
     """
     if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
         raise ValueError(
-            f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and "
-            f"{tuple(labels.shape)}"
+            f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
     return logits[:, :-1], labels[:, 1:]
 
@@ -256,9 +253,7 @@ def coarse_logprobs(logits: Tensor, ids: Tensor) -> Tensor:
         cancels catastrophically). The rest bin is -inf when k == V.
     """
     if logits.shape[:-1] != ids.shape[:-1]:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} and ids {tuple(ids.shape)} must share leading dims"
-        )
+        raise ValueError(f"logits {tuple(logits.shape)} and ids {tuple(ids.shape)} must share leading dims")
     vocab, k = logits.shape[-1], ids.shape[-1]
     if k > vocab:
         raise ValueError(f"k={k} ids exceed the vocabulary size {vocab}")

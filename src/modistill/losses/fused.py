@@ -39,13 +39,10 @@ def _check_chunk_size(chunk_size: int) -> None:
 def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, who: str) -> None:
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(
-            f"{who} hidden must be [N, H] and head weight [V, H], got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)}"
+            f"{who} hidden must be [N, H] and head weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"{who} hidden size {hidden.shape[1]} != head weight input size {weight.shape[1]}"
-        )
+        raise ValueError(f"{who} hidden size {hidden.shape[1]} != head weight input size {weight.shape[1]}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"{who} head bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
 
@@ -60,9 +57,7 @@ def _check_teacher(teacher: Teacher, rows: int, vocab: int) -> None:
     if isinstance(teacher, TeacherHidden):
         _check_head(teacher.hidden, teacher.head_weight, teacher.head_bias, "teacher")
         if teacher.hidden.shape[0] != rows:
-            raise ValueError(
-                f"teacher hidden has {teacher.hidden.shape[0]} rows, the student {rows}"
-            )
+            raise ValueError(f"teacher hidden has {teacher.hidden.shape[0]} rows, the student {rows}")
         if teacher.head_weight.shape[0] < vocab:
             raise too_small(teacher.head_weight.shape[0])
     elif isinstance(teacher, TeacherTopK):
@@ -88,9 +83,7 @@ def _check_teacher(teacher: Teacher, rows: int, vocab: int) -> None:
             if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
                 raise ValueError("teacher top-k ids must be distinct within each row")
     else:
-        raise ValueError(
-            f"teacher must be TeacherHidden or TeacherTopK, got {type(teacher).__name__}"
-        )
+        raise ValueError(f"teacher must be TeacherHidden or TeacherTopK, got {type(teacher).__name__}")
 
 
 def fused_distill_loss(
@@ -221,8 +214,14 @@ def chunked_token_logps(
     chunk_fn = functools.partial(chunk_token_logps, temperature=temperature)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or head_needs_grad)):
         with torch.no_grad():
-            return torch.cat([chunk_fn(hidden[start : start + chunk_size], head_weight, head_bias,
-                                       targets[start : start + chunk_size]) for start in range(0, rows, chunk_size)])
+            return torch.cat(
+                [
+                    chunk_fn(
+                        hidden[start : start + chunk_size], head_weight, head_bias, targets[start : start + chunk_size]
+                    )
+                    for start in range(0, rows, chunk_size)
+                ]
+            )
     pieces = [
         checkpoint(
             chunk_fn,

@@ -27,8 +27,7 @@ def sequence_logps(token_logps: Tensor, mask: Tensor, average: bool = False) -> 
     """
     if token_logps.dim() != 2 or token_logps.shape != mask.shape:
         raise ValueError(
-            f"token_logps and mask must both be [B, T], got {tuple(token_logps.shape)} and "
-            f"{tuple(mask.shape)}"
+            f"token_logps and mask must both be [B, T], got {tuple(token_logps.shape)} and {tuple(mask.shape)}"
         )
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
@@ -74,17 +73,14 @@ def preference_loss(
         (fp64 if an input is fp64).
     """
     if kind not in PREFERENCE_KINDS:
-        raise ValueError(
-            f"unknown preference loss kind {kind!r}; valid kinds: {', '.join(PREFERENCE_KINDS)}"
-        )
+        raise ValueError(f"unknown preference loss kind {kind!r}; valid kinds: {', '.join(PREFERENCE_KINDS)}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     inputs = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     shapes = {tuple(x.shape) for x in inputs}
     if len(shapes) != 1 or policy_chosen_logps.dim() != 1 or policy_chosen_logps.shape[0] == 0:
         raise ValueError(
-            f"the four log-prob tensors must all be [B] with B >= 1, got shapes "
-            f"{[tuple(x.shape) for x in inputs]}"
+            f"the four log-prob tensors must all be [B] with B >= 1, got shapes {[tuple(x.shape) for x in inputs]}"
         )
     dtype = torch.float32
     for x in inputs:

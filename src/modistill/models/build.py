@@ -116,7 +116,9 @@ def vision_config_from_spec(spec: VisionSpec) -> PretrainedConfig:
     )
 
 
-def build_vlm(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_vlm(
+    spec: ModelSpec, dtype: torch.dtype = torch.float32
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Build (or assemble from pretrained parts) a LLaVA-style VLM and its processor."""
     tokenizer = prepare_tokenizer(
         load_tokenizer(spec.tokenizer or spec.text.pretrained, trust_remote_code=spec.trust_remote_code)

@@ -25,8 +25,14 @@ DENSE_TEXT_TYPES = ("qwen3", "qwen2", "llama", "mistral")
 MOE_TEXT_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral")
 VLM_TYPES = ("llava",)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -61,8 +67,9 @@ def load_config(path: str | Path, trust_remote_code: bool = False) -> Pretrained
     try:
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"{path}: no such directory, and not loadable as a hub id "
-                        f"({str(exc).splitlines()[0]})") from None
+        raise UserError(
+            f"{path}: no such directory, and not loadable as a hub id ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def check_supported(config: PretrainedConfig, path: str | Path) -> str:

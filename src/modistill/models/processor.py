@@ -14,8 +14,8 @@ from transformers import (
 )
 
 from modistill.errors import UserError
-from modistill.models.gguf import gguf_tokenizer, is_gguf
 from modistill.models.chat import CHATML_TEMPLATE, IM_END, IM_START, IMAGE_TOKEN, PAD_TOKEN, accept_content_parts
+from modistill.models.gguf import gguf_tokenizer, is_gguf
 
 # How many extra tokens the tower emits beside its patches, and how LLaVA selects features:
 # SigLIP has no CLS token (use every patch: "full"); CLIP has one, which LLaVA drops ("default").

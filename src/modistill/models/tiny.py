@@ -41,14 +41,34 @@ def tiny_tokenizer(out_dir: str | Path | None = None, texts: list[str] | None = 
     return fast
 
 
-def tiny_spec(tokenizer_dir: str | Path, text_type: Any = "qwen3", vision_type: Any = "siglip",
-              hidden: int = 32, layers: int = 2, seed: int = 0) -> ModelSpec:
+def tiny_spec(
+    tokenizer_dir: str | Path,
+    text_type: Any = "qwen3",
+    vision_type: Any = "siglip",
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+) -> ModelSpec:
     """A VLM spec with hidden sizes of a few dozen and 2 layers (TRL-style tiny models)."""
     return ModelSpec(
-        vision=VisionSpec(type=vision_type, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                          image_size=32, patch_size=16),
-        text=TextSpec(type=text_type, hidden_size=hidden, num_layers=layers, num_heads=4, num_kv_heads=2,
-                      intermediate_size=hidden * 2, moe_layers="all" if text_type == "mixtral" else "every-other"),
+        vision=VisionSpec(
+            type=vision_type,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=16,
+        ),
+        text=TextSpec(
+            type=text_type,
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=hidden * 2,
+            moe_layers="all" if text_type == "mixtral" else "every-other",
+        ),
         tokenizer=str(tokenizer_dir),
         seed=seed,
     )

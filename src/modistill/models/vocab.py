@@ -12,7 +12,11 @@ from modistill.errors import UserError
 
 
 def check_vocab_compatible(
-    student_tokenizer, teacher_tokenizer, student_rows: int, teacher_rows: int, mode: str = "exact",
+    student_tokenizer,
+    teacher_tokenizer,
+    student_rows: int,
+    teacher_rows: int,
+    mode: str = "exact",
     names: tuple[str, str] | None = None,
 ) -> None:
     """Raise a UserError naming the first disagreement; return None when distillation is sound.

@@ -32,8 +32,11 @@ def safetensors_problem(path: Path) -> str | None:
             return "the header is not valid JSON"
     if not isinstance(header, dict):
         return "the header is not a JSON object"
-    ends = [t["data_offsets"][1] for k, t in header.items()
-            if k != "__metadata__" and isinstance(t, dict) and len(t.get("data_offsets", ())) == 2]
+    ends = [
+        t["data_offsets"][1]
+        for k, t in header.items()
+        if k != "__metadata__" and isinstance(t, dict) and len(t.get("data_offsets", ())) == 2
+    ]
     if len(ends) != len([k for k in header if k != "__metadata__"]):
         return "a tensor entry of the header has no data_offsets"
     needed = 8 + header_len + max(ends, default=0)
@@ -51,9 +54,11 @@ def check_weight_files(model_dir: str | Path) -> None:
     if not weights:
         pickled = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled:
-            raise UserError(f"{model_dir / pickled[0]}: refused to unpickle it (loading a pickle can run arbitrary "
-                            f"code); convert it to safetensors (save_pretrained(..., safe_serialization=True) "
-                            f"where you trust the file)")
+            raise UserError(
+                f"{model_dir / pickled[0]}: refused to unpickle it (loading a pickle can run arbitrary "
+                f"code); convert it to safetensors (save_pretrained(..., safe_serialization=True) "
+                f"where you trust the file)"
+            )
     for path in weights:
         why = safetensors_problem(path)
         if why is not None:

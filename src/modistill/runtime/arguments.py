@@ -26,8 +26,11 @@ def training_arguments(output_dir: str | Path, train: TrainArgs) -> TrainingArgu
     Every `train:` key maps by name (TrainArgs mirrors TrainingArguments); the fixed settings
     below are what the stages rely on.
     """
-    mapped = {_RENAMED.get(f.name, f.name): getattr(train, f.name)
-              for f in dataclasses.fields(train) if f.name not in _OWN_KEYS}
+    mapped = {
+        _RENAMED.get(f.name, f.name): getattr(train, f.name)
+        for f in dataclasses.fields(train)
+        if f.name not in _OWN_KEYS
+    }
     if isinstance(mapped.get("fsdp_config"), dict):
         mapped["fsdp_config"] = dict(mapped["fsdp_config"])  # TrainingArguments edits it in place
     args = TrainingArguments(

@@ -113,7 +113,8 @@ class TrainArgs:
         _at_least(self, 1, "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
         _at_least(self, 0, "learning_rate", "warmup_steps", "weight_decay", "max_grad_norm")
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"max_steps: {self.max_steps}: give a positive number of steps, "
-                             f"or -1 (use num_train_epochs)")
+            raise ValueError(
+                f"max_steps: {self.max_steps}: give a positive number of steps, or -1 (use num_train_epochs)"
+            )
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             raise ValueError(f"num_train_epochs: {self.num_train_epochs}: must be > 0 (or set max_steps)")

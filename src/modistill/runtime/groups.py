@@ -29,6 +29,7 @@ from modistill.moe import sparse_blocks
 GROUPS = ("vision", "projector", "embeddings", "attention", "norms", "dense_mlp", "experts", "routers", "lm_head")
 LLM_GROUPS = ("embeddings", "attention", "norms", "dense_mlp", "experts", "routers", "lm_head")
 
+
 def group_of(name: str, sparse_layers: set[int]) -> str:
     """The group a parameter belongs to, from its name."""
     if "vision_tower." in name:

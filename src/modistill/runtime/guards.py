@@ -36,8 +36,14 @@ def last_checkpoint(checkpoints_dir: str | Path | None) -> str | None:
     """The newest complete checkpoint's name (its trainer_state.json parses), or None."""
     if checkpoints_dir is None or not Path(checkpoints_dir).is_dir():
         return None
-    found = sorted(((int(m.group(1)), p) for p in Path(checkpoints_dir).iterdir()
-                    if (m := _CHECKPOINT.match(p.name)) and p.is_dir()), reverse=True)
+    found = sorted(
+        (
+            (int(m.group(1)), p)
+            for p in Path(checkpoints_dir).iterdir()
+            if (m := _CHECKPOINT.match(p.name)) and p.is_dir()
+        ),
+        reverse=True,
+    )
     for _, path in found:
         try:
             json.loads((path / "trainer_state.json").read_text())
@@ -54,11 +60,16 @@ def _ids(sample_ids) -> str:
 
 def nonfinite_message(step: int, what: str, value: float, sample_ids, checkpoints_dir: str | Path | None) -> str:
     checkpoint = last_checkpoint(checkpoints_dir)
-    resume = (f"then rerun with --resume-with-changes to continue from {checkpoint} (or --fresh to start over)"
-              if checkpoint else "then rerun (no checkpoint was written yet)")
-    return (f"step {step}: {what} is {value} (samples {_ids(sample_ids)}); the update was not applied and nothing "
-            f"of this step is saved; lower train.learning_rate, check these samples, or use fp32/bf16 instead of "
-            f"fp16, {resume}")
+    resume = (
+        f"then rerun with --resume-with-changes to continue from {checkpoint} (or --fresh to start over)"
+        if checkpoint
+        else "then rerun (no checkpoint was written yet)"
+    )
+    return (
+        f"step {step}: {what} is {value} (samples {_ids(sample_ids)}); the update was not applied and nothing "
+        f"of this step is saved; lower train.learning_rate, check these samples, or use fp32/bf16 instead of "
+        f"fp16, {resume}"
+    )
 
 
 def check_finite(loss: torch.Tensor, step: int, sample_ids, checkpoints_dir: str | Path | None = None) -> None:
@@ -83,8 +94,10 @@ def check_finite_model(model: torch.nn.Module, what: str, state_dict: dict | Non
     weights = state_dict.items() if state_dict is not None else model.named_parameters()
     bad = [name for name, p in weights if p.is_floating_point() and not torch.isfinite(p.detach()).all()]
     if bad:
-        raise NonFiniteError(f"refusing to save {what}: {len(bad)} tensors hold NaN/inf (first: {bad[0]}); "
-                             f"lower train.learning_rate and rerun with --resume-with-changes or --fresh")
+        raise NonFiniteError(
+            f"refusing to save {what}: {len(bad)} tensors hold NaN/inf (first: {bad[0]}); "
+            f"lower train.learning_rate and rerun with --resume-with-changes or --fresh"
+        )
 
 
 class FiniteGuard(TrainerCallback):
@@ -103,8 +116,9 @@ class FiniteGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         norm = grad_norm(model)
         if not math.isfinite(norm):
-            raise NonFiniteError(nonfinite_message(state.global_step + 1, "the gradient norm", norm,
-                                                   self.sample_ids, args.output_dir))
+            raise NonFiniteError(
+                nonfinite_message(state.global_step + 1, "the gradient norm", norm, self.sample_ids, args.output_dir)
+            )
 
 
 class GuardMixin:
@@ -112,7 +126,7 @@ class GuardMixin:
 
     def _init_guard(self) -> None:
         self.guard = FiniteGuard()
-        self.add_callback(self.guard)
+        self.add_callback(self.guard)  # type: ignore[attr-defined]  # a Trainer method (mixed into one)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.guard.record(inputs.get("sample_ids", []))

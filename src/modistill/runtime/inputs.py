@@ -89,8 +89,9 @@ def pair_inputs(batch: dict, prefix: str = "", pad_id: int = 0) -> tuple[dict, t
     return inputs, labels
 
 
-def pair_logps(model: nn.Module, inputs: dict, labels: torch.Tensor, mode: str = "sum",
-               chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_logps(
+    model: nn.Module, inputs: dict, labels: torch.Tensor, mode: str = "sum", chunk_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sequence log-probs [2B] (sum or mean over response tokens), token log-probs [N], counts [2B]."""
     states = response_states(model, inputs, labels)
     weight, bias = output_head(model)
@@ -104,8 +105,9 @@ def pair_logps(model: nn.Module, inputs: dict, labels: torch.Tensor, mode: str =
 
 
 @torch.no_grad()
-def frozen_pair_logps(model: nn.Module, batch: dict, pad_id: int, mode: str,
-                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def frozen_pair_logps(
+    model: nn.Module, batch: dict, pad_id: int, mode: str, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A frozen model's (the teacher's) sequence log-probs of a batch of pairs: chosen [B], rejected [B] fp32.
 
     The teacher reads its own rendering when the collator made one (prefix "teacher_").

@@ -74,8 +74,16 @@ def _prompt_of(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 class OnPolicySampler:
     """Samples answers from the student for a batch's prompts and rebuilds the batch around them."""
 
-    def __init__(self, student: Renderer, teacher: Renderer | None, *, fraction: float, temperature: float,
-                 max_new_tokens: int, seed: int) -> None:
+    def __init__(
+        self,
+        student: Renderer,
+        teacher: Renderer | None,
+        *,
+        fraction: float,
+        temperature: float,
+        max_new_tokens: int,
+        seed: int,
+    ) -> None:
         self.student, self.teacher = student, teacher
         self.fraction, self.temperature, self.max_new_tokens, self.seed = fraction, temperature, max_new_tokens, seed
 
@@ -85,8 +93,12 @@ class OnPolicySampler:
     def _generation_kwargs(self, model: nn.Module, max_new: int) -> dict[str, Any]:
         tok = self.student.tokenizer
         eos = getattr(model.generation_config, "eos_token_id", None)
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": tok.pad_token_id, "use_cache": True,
-                                  "eos_token_id": eos if eos is not None else tok.eos_token_id}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "pad_token_id": tok.pad_token_id,
+            "use_cache": True,
+            "eos_token_id": eos if eos is not None else tok.eos_token_id,
+        }
         if self.student.image_token_id is not None:
             # An image token in an answer has no image features behind it (Llava refuses the batch): an
             # undertrained student does sample it, so it is suppressed (the only change to the policy).
@@ -98,8 +110,14 @@ class OnPolicySampler:
         return kwargs
 
     @torch.no_grad()
-    def generate(self, model: nn.Module, prompts: list[list[int]], pixel_values: torch.Tensor | None,
-                 key: str, room: int | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        model: nn.Module,
+        prompts: list[list[int]],
+        pixel_values: torch.Tensor | None,
+        key: str,
+        room: int | None = None,
+    ) -> list[list[int]]:
         """New token ids per prompt (left-padded batch; cut after the first end-of-turn token)."""
         param = next(model.parameters())
         pad = self.student.tokenizer.pad_token_id
@@ -107,15 +125,17 @@ class OnPolicySampler:
         ids = torch.full((len(prompts), length), pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.long)
         for row, p in enumerate(prompts):
-            ids[row, length - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[row, length - len(p):] = 1
+            ids[row, length - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, length - len(p) :] = 1
         inputs: dict[str, Any] = {"input_ids": ids.to(param.device), "attention_mask": mask.to(param.device)}
         if pixel_values is not None:
             inputs["pixel_values"] = pixel_values.to(param.device, param.dtype)
         max_new = self.max_new_tokens if room is None else min(self.max_new_tokens, room)
         if max_new < 1:
-            raise UserError(f"a prompt of {length} tokens leaves no room for a sampled answer within "
-                            f"data.max_length {self.student.max_length}; raise data.max_length")
+            raise UserError(
+                f"a prompt of {length} tokens leaves no room for a sampled answer within "
+                f"data.max_length {self.student.max_length}; raise data.max_length"
+            )
         kwargs = self._generation_kwargs(model, max_new)
         eos = kwargs["eos_token_id"]
         stops = set(eos if isinstance(eos, list) else [eos])
@@ -141,16 +161,22 @@ class OnPolicySampler:
             raise UserError("on-policy distillation needs the raw rows in the batch: collate with RowsCollator")
         rows = batch["rows"]
         renderers = [("", self.student)] + ([("teacher_", self.teacher)] if self.teacher is not None else [])
-        prompts = {prefix: [r.render_prompt(_prompt_of(row["messages"]), row["images"]) for row in rows]
-                   for prefix, r in renderers}
+        prompts = {
+            prefix: [r.render_prompt(_prompt_of(row["messages"]), row["images"]) for row in rows]
+            for prefix, r in renderers
+        }
         # Room for the answer within data.max_length in every rendering (the teacher's prompt may be longer).
-        room = min((r.max_length - max(map(len, prompts[prefix])) for prefix, r in renderers
-                    if r.max_length is not None), default=self.max_new_tokens)
+        room = min(
+            (r.max_length - max(map(len, prompts[prefix])) for prefix, r in renderers if r.max_length is not None),
+            default=self.max_new_tokens,
+        )
         new = self.generate(model, prompts[""], batch.get("pixel_values"), key, room)
         rebuilt: dict[str, Any] = {"sample_ids": batch.get("sample_ids", []), "rows": rows}
         for prefix, renderer in renderers:
-            seqs = [RenderedSample(p + ids, [IGNORE_INDEX] * len(p) + ids, row["images"])
-                    for p, ids, row in zip(prompts[prefix], new, rows, strict=True)]
+            seqs = [
+                RenderedSample(p + ids, [IGNORE_INDEX] * len(p) + ids, row["images"])
+                for p, ids, row in zip(prompts[prefix], new, rows, strict=True)
+            ]
             device = batch[f"{prefix}input_ids"].device
             padded = pad_batch(seqs, renderer.tokenizer.pad_token_id)
             rebuilt.update({prefix + k: v.to(device) for k, v in padded.items()})

@@ -23,12 +23,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from modistill.config import dump_yaml
 from modistill.errors import UserError
-from modistill.info import parameter_counts
 from modistill.faults import crash_point
+from modistill.info import parameter_counts
 from modistill.io import is_ours, mark, write_json_atomic, write_text_atomic
 from modistill.runtime.arguments import training_arguments
 from modistill.runtime.data_identity import DATA_FILE, data_identity, describe_difference, read_identity
@@ -83,12 +83,16 @@ class RunDir:
         data_change = describe_difference(stored, self.data) if stored is not None else None
         if changes or data_change:
             what = "; ".join(changes) or f"data: {data_change}"
-            raise UserError(f"{self.path}: this stage already finished with another config or data ({what}); "
-                            f"pass --fresh to run it again, or choose another output_dir")
+            raise UserError(
+                f"{self.path}: this stage already finished with another config or data ({what}); "
+                f"pass --fresh to run it again, or choose another output_dir"
+            )
 
     def _clear(self) -> None:
         if not self._is_ours():
-            raise UserError(f"{self.path}: not a modistill run directory; refusing to delete it (choose another output_dir)")
+            raise UserError(
+                f"{self.path}: not a modistill run directory; refusing to delete it (choose another output_dir)"
+            )
         shutil.rmtree(self.path)
 
     def _check_or_write_config(self) -> None:
@@ -96,7 +100,9 @@ class RunDir:
         saved = self.path / "stage.yaml"
         if self.path.exists() and any(self.path.iterdir()):
             if not self._is_ours():
-                raise UserError(f"{self.path}: output_dir exists and holds other files; choose an empty or new directory")
+                raise UserError(
+                    f"{self.path}: output_dir exists and holds other files; choose an empty or new directory"
+                )
             if self.resume_from is not None:
                 self._check_resume(saved, text)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -114,6 +120,7 @@ class RunDir:
         data_change = describe_difference(stored, self.data) if stored is not None else None
         if data_change:
             changes.append(f"data: {data_change}")
+        assert self.resume_from is not None  # only called when resuming
         name = Path(self.resume_from).name
         if changes and not self.resume_with_changes:
             raise UserError(
@@ -129,8 +136,12 @@ class RunDir:
     def check_samples(self, n: int) -> None:
         """Compare the number of training samples with the one the run started on (then record it)."""
         stored = self.stored_data or {}
-        if self.resume_from is not None and "samples" in stored and stored["samples"] != n \
-                and not self.resume_with_changes:
+        if (
+            self.resume_from is not None
+            and "samples" in stored
+            and stored["samples"] != n
+            and not self.resume_with_changes
+        ):
             raise UserError(
                 f"{self.path / DATA_FILE}: the run started on {stored['samples']} samples, the data now gives {n}; "
                 f"resume on the same data, pass --resume-with-changes to continue from "
@@ -170,8 +181,7 @@ class RunDir:
         weights = full_state_dict(trainer)
         metrics: dict = {}
         if trainer.is_world_process_zero():
-            metrics = self.finalize(trainer.accelerator.unwrap_model(trainer.model), processor, trainer, extra,
-                                    weights)
+            metrics = self.finalize(trainer.accelerator.unwrap_model(trainer.model), processor, trainer, extra, weights)
         trainer.accelerator.wait_for_everyone()
         return metrics
 

@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 
 import torch
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel
 
 from modistill.errors import UserError
 from modistill.runtime.fsdp import CpuFsdpMixin

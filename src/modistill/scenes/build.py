@@ -28,6 +28,8 @@ from typing import Any
 from tqdm import tqdm
 
 from modistill.config import apply_overrides, from_dict, load_yaml, to_dict
+from modistill.errors import UserError
+from modistill.io import atomic_output_dir
 from modistill.scenes.render import image_rng, render_scene
 from modistill.scenes.text import (
     CAPTION_PROMPTS,
@@ -39,8 +41,6 @@ from modistill.scenes.text import (
 )
 from modistill.scenes.tokenizer import chat_text, train_tokenizer
 from modistill.scenes.world import CAPTION_TASKS, COL_WORDS, ROW_WORDS, KindStats, Scene, World, WorldConfig
-from modistill.errors import UserError
-from modistill.io import atomic_output_dir
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -86,7 +86,9 @@ def build_world(
     return summary
 
 
-def _build_into(root: Path, cfg: WorldConfig, n_train: int, n_test: int, seed: int, n_prefs: int, progress: bool) -> dict[str, Any]:
+def _build_into(
+    root: Path, cfg: WorldConfig, n_train: int, n_test: int, seed: int, n_prefs: int, progress: bool
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     (root / "images").mkdir(parents=True)
     (root / "eval").mkdir()
@@ -108,24 +110,35 @@ def _build_into(root: Path, cfg: WorldConfig, n_train: int, n_test: int, seed: i
         for i, (scene, image) in enumerate(zip(train_scenes, train_images))
     ]
     (root / "train.json").write_text(json.dumps(train))
-    _write_jsonl(root / "train_scenes.jsonl", [{"image": im, "scene": s.to_json()} for s, im in zip(train_scenes, train_images)])
+    _write_jsonl(
+        root / "train_scenes.jsonl", [{"image": im, "scene": s.to_json()} for s, im in zip(train_scenes, train_images)]
+    )
 
     # Eval sets on test images. POPE's popular / adversarial negatives use training statistics.
     stats = KindStats.from_scenes(train_scenes)
     rng = random.Random(f"{seed}-eval-text")
-    vqa, pope, captions = [], [], []
+    vqa: list[dict[str, Any]] = []
+    pope: list[dict[str, Any]] = []
+    captions: list[dict[str, Any]] = []
     for i, (scene, image) in enumerate(zip(test_scenes, test_images)):
         for row in vqa_questions(scene, world, rng, i):
             vqa.append({"question_id": f"vqa-{len(vqa):06d}", "image": image, **row})
         for row in pope_questions(scene, world, stats, rng):
             pope.append({"question_id": f"pope-{len(pope):06d}", "image": image, **row})
         captions.append(
-            {"question_id": f"cap-{i:06d}", "image": image, "text": CAPTION_PROMPTS[cfg.eval_caption_style], "scene": scene.to_json()}
+            {
+                "question_id": f"cap-{i:06d}",
+                "image": image,
+                "text": CAPTION_PROMPTS[cfg.eval_caption_style],
+                "scene": scene.to_json(),
+            }
         )
     _write_jsonl(root / "eval" / "vqa.jsonl", vqa)
     _write_jsonl(root / "eval" / "pope.jsonl", pope)
     _write_jsonl(root / "eval" / "captions.jsonl", captions)
-    _write_jsonl(root / "eval" / "scenes.jsonl", [{"image": im, "scene": s.to_json()} for s, im in zip(test_scenes, test_images)])
+    _write_jsonl(
+        root / "eval" / "scenes.jsonl", [{"image": im, "scene": s.to_json()} for s, im in zip(test_scenes, test_images)]
+    )
 
     # Preference pairs: ground truth (chosen) vs one hallucinated mention (rejected).
     rng = random.Random(f"{seed}-prefs")
@@ -146,13 +159,17 @@ def _build_into(root: Path, cfg: WorldConfig, n_train: int, n_test: int, seed: i
     t_text = time.perf_counter()
 
     # Tokenizer: trained on everything a model will read or write in this world.
-    corpus = [chat_text(s["conversations"]) for s in train]
+    corpus: list[Any] = [chat_text(s["conversations"]) for s in train]
     corpus += [r["text"] for r in vqa + pope + captions] + [r["answer"] for r in vqa]
-    corpus += [chat_text([{"from": "human", "value": p["question"]}, {"from": "gpt", "value": p["rejected"]}]) for p in prefs]
+    corpus += [
+        chat_text([{"from": "human", "value": p["question"]}, {"from": "gpt", "value": p["rejected"]}]) for p in prefs
+    ]
     tok = train_tokenizer(corpus, root / "tokenizer")
     t_tok = time.perf_counter()
 
-    words = sorted({w for text in corpus for w in re.findall(r"[A-Za-z]+", re.sub(r"<[^>]*>", " ", text))} - {"user", "assistant"})
+    words = sorted(
+        {w for text in corpus for w in re.findall(r"[A-Za-z]+", re.sub(r"<[^>]*>", " ", text))} - {"user", "assistant"}
+    )
     counts = {
         "train_samples": len(train),
         "train_turns": sum(len(s["conversations"]) // 2 for s in train),
@@ -179,7 +196,9 @@ def _build_into(root: Path, cfg: WorldConfig, n_train: int, n_test: int, seed: i
             "words": words,
         },
         "structure": {
-            "popularity": {" ".join(k): round(v, 4) for k, v in sorted(world.popularity.items(), key=lambda kv: -kv[1])},
+            "popularity": {
+                " ".join(k): round(v, 4) for k, v in sorted(world.popularity.items(), key=lambda kv: -kv[1])
+            },
             "affinity_pairs": sorted({tuple(sorted((" ".join(a), " ".join(b)))) for a, b in world.partner.items()}),
         },
         "train_statistics": stats.to_json(),
@@ -203,9 +222,16 @@ def add_scenes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-train", type=int, default=10000, help="training images (one sample each)")
     parser.add_argument("--n-test", type=int, default=500, help="held-out test images for the eval sets")
     parser.add_argument("--n-prefs", type=int, default=None, help="preference pairs (default n-train / 10)")
-    parser.add_argument("--caption-noise", type=float, default=None, help="share of training captions with one absent object (default 0.2)")
+    parser.add_argument(
+        "--caption-noise",
+        type=float,
+        default=None,
+        help="share of training captions with one absent object (default 0.2)",
+    )
     parser.add_argument("--config", default=None, help="YAML file of WorldConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a WorldConfig field (repeatable)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a WorldConfig field (repeatable)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -218,12 +244,21 @@ def run_scenes_command(args: argparse.Namespace) -> int:
     data.setdefault("seed", args.seed)
     cfg = from_dict(WorldConfig, data, source=args.config or "command line")
     summary = build_world(
-        args.out, cfg, args.n_train, args.n_test, args.seed, n_prefs=args.n_prefs, overwrite=args.overwrite, progress=not args.no_progress
+        args.out,
+        cfg,
+        args.n_train,
+        args.n_test,
+        args.seed,
+        n_prefs=args.n_prefs,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
     print(
         f"wrote {summary['out_dir']}: {summary['train_samples']} training samples "
         f"({summary['train_noisy_captions']}/{summary['train_captions']} noisy captions), "
-        f"{summary['test_images']} test images ({summary['vqa']} VQA, {summary['pope']} POPE, {summary['captions']} caption prompts), "
-        f"{summary['prefs']} preference pairs, tokenizer of {summary['tokenizer_vocab']} tokens, in {summary['seconds']} s"
+        f"{summary['test_images']} test images ({summary['vqa']} VQA, {summary['pope']} POPE, "
+        f"{summary['captions']} caption prompts), "
+        f"{summary['prefs']} preference pairs, tokenizer of {summary['tokenizer_vocab']} tokens, in "
+        f"{summary['seconds']} s"
     )
     return 0

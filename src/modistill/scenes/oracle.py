@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from modistill.scenes.text import (
     NUMBER_WORDS,
@@ -185,7 +186,9 @@ def caption_metrics(scores: Iterable[CaptionScore]) -> dict[str, float]:
     return {
         "n": n,
         "response_hallucination": sum(not s.faithful for s in scores) / n,
-        "response_hallucination_parseable": (sum(s.hallucinated for s in parseable) / len(parseable)) if parseable else float("nan"),
+        "response_hallucination_parseable": (sum(s.hallucinated for s in parseable) / len(parseable))
+        if parseable
+        else float("nan"),
         "mention_hallucination": n_bad / n_mentions if n_mentions else float("nan"),
         "coverage": sum(s.coverage if s.parseable else 0.0 for s in scores) / n,
         "unparseable": (n - len(parseable)) / n,

@@ -24,7 +24,9 @@ def _shape_box(obj: SceneObject, cfg: WorldConfig, dx: int, dy: int) -> tuple[fl
     return cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, cfg: WorldConfig, colour: tuple[int, int, int], dx: int, dy: int) -> None:
+def _draw_object(
+    draw: ImageDraw.ImageDraw, obj: SceneObject, cfg: WorldConfig, colour: tuple[int, int, int], dx: int, dy: int
+) -> None:
     x0, y0, x1, y1 = _shape_box(obj, cfg, dx, dy)
     # Pillow boxes are inclusive of the end pixel: subtract 1 so sizes are what they say.
     x1, y1 = x1 - 1, y1 - 1

@@ -293,7 +293,9 @@ def vqa_questions(scene: Scene, world: World, rng: random.Random, index: int) ->
     return rows
 
 
-def pope_questions(scene: Scene, world: World, stats: KindStats, rng: random.Random, per_image: int = 3) -> list[dict[str, str]]:
+def pope_questions(
+    scene: Scene, world: World, stats: KindStats, rng: random.Random, per_image: int = 3
+) -> list[dict[str, str]]:
     """POPE rows for one image: per split, k present kinds ("yes") and k absent kinds ("no"),
     k = min(per_image, number of present kinds). Negatives: random = uniform absent kinds; popular =
     the most frequent absent kinds in training; adversarial = the absent kinds that co-occur most

@@ -8,8 +8,8 @@ turn every word into a single token anyway — sequences are as short as with a 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import jinja2
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

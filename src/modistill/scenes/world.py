@@ -18,8 +18,9 @@ import dataclasses
 import hashlib
 import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from modistill.errors import UserError
 
@@ -123,7 +124,9 @@ class WorldConfig:
             if unknown or not values or len(set(values)) != len(values):
                 raise ValueError(f"{name} must be distinct values from {', '.join(known)}; got {values}")
         if not 0 <= self.min_objects <= self.max_objects <= self.grid**2:
-            raise ValueError(f"need 0 <= min_objects <= max_objects <= grid**2, got {self.min_objects}, {self.max_objects}")
+            raise ValueError(
+                f"need 0 <= min_objects <= max_objects <= grid**2, got {self.min_objects}, {self.max_objects}"
+            )
         if self.max_objects < 1:
             raise ValueError("max_objects must be at least 1")
         for name in ("affinity_strength", "caption_noise", "multi_turn"):
@@ -188,15 +191,23 @@ class Scene:
     def from_json(cls, data: dict[str, Any], where: str = "scene") -> Scene:
         try:
             grid = int(data["grid"])
-            objects = [SceneObject(str(o["colour"]), str(o["shape"]), str(o["size"]), int(o["row"]), int(o["col"])) for o in data["objects"]]
+            objects = [
+                SceneObject(str(o["colour"]), str(o["shape"]), str(o["size"]), int(o["row"]), int(o["col"]))
+                for o in data["objects"]
+            ]
             background = tuple(int(v) for v in data.get("background", (128, 128, 128)))
         except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{where}: not a scene graph ({exc!r}); expected grid, objects[colour, shape, size, row, col]") from None
+            raise UserError(
+                f"{where}: not a scene graph ({exc!r}); expected grid, objects[colour, shape, size, row, col]"
+            ) from None
         if grid not in ROW_WORDS or any(not (0 <= o.row < grid and 0 <= o.col < grid) for o in objects):
             raise UserError(f"{where}: grid {grid} unsupported or an object lies outside it")
         bad = [o for o in objects if o.colour not in PALETTE or o.shape not in SHAPES or o.size not in SIZES]
         if bad:
-            raise UserError(f"{where}: unknown colour, shape or size in {bad[0]}; known: {', '.join(PALETTE)} / {', '.join(SHAPES)} / {', '.join(SIZES)}")
+            raise UserError(
+                f"{where}: unknown colour, shape or size in {bad[0]}; known: {', '.join(PALETTE)} / "
+                f"{', '.join(SHAPES)} / {', '.join(SIZES)}"
+            )
         try:
             return make_scene(objects, grid, background)  # type: ignore[arg-type]
         except ValueError as exc:
@@ -284,7 +295,8 @@ class World:
             tries += 1
             if tries > 1000 * (n + 10):
                 raise UserError(
-                    f"could not sample {n} {split} scenes: the world is too small (raise max_objects or grid, or change test_fraction)"
+                    f"could not sample {n} {split} scenes: the world is too small (raise max_objects or grid, "
+                    "or change test_fraction)"
                 )
             scene = self.sample_scene(rng)
             if self.split_of(scene) == split:
@@ -322,7 +334,9 @@ class KindStats:
     def most_cooccurring(self, present: Iterable[Kind], candidates: Iterable[Kind]) -> list[Kind]:
         """`candidates` ordered by how often they co-occur with the `present` kinds in training."""
         present = list(present)
-        return sorted(candidates, key=lambda c: (-sum(self.cooccurrence[(p, c)] for p in present), -self.frequency[c], c))
+        return sorted(
+            candidates, key=lambda c: (-sum(self.cooccurrence[(p, c)] for p in present), -self.frequency[c], c)
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -57,8 +57,15 @@ class CETrainer(StageTrainer):
         weight, bias = output_head(model)
         num_items = num_items_in_batch if num_items_in_batch is not None else states.targets.numel()
         losses = fused_distill_loss(
-            states.hidden, weight, teacher=None, labels=states.targets, kd_weight=0.0, ce_weight=1.0,
-            chunk_size=self.loss_config.chunk_size, num_items=num_items, student_head_bias=bias,
+            states.hidden,
+            weight,
+            teacher=None,
+            labels=states.targets,
+            kd_weight=0.0,
+            ce_weight=1.0,
+            chunk_size=self.loss_config.chunk_size,
+            num_items=num_items,
+            student_head_bias=bias,
         )
         loss = self.across_devices(losses["loss"], num_items_in_batch)
         self.record("ce", losses["ce"].item() * float(num_items), states.targets.numel())
@@ -79,8 +86,13 @@ def run(cfg: AlignConfig, fresh: bool = False, resume_with_changes: bool = False
 
     # 3. Data: validated up front (bad samples stop the run, or are counted with on_bad_sample: skip).
     data = load_conversations(
-        cfg.data.train, image_root=cfg.data.image_root, processor=processor, max_length=cfg.data.max_length,
-        on_bad_sample=cfg.data.on_bad_sample, report_dir=cfg.output_dir, cache_dir=cfg.data.cache_dir,
+        cfg.data.train,
+        image_root=cfg.data.image_root,
+        processor=processor,
+        max_length=cfg.data.max_length,
+        on_bad_sample=cfg.data.on_bad_sample,
+        report_dir=cfg.output_dir,
+        cache_dir=cfg.data.cache_dir,
         allow_outside_root=cfg.data.allow_outside_root,
     )
     dataset = first_samples(data.dataset, cfg.data.max_samples)
@@ -88,11 +100,17 @@ def run(cfg: AlignConfig, fresh: bool = False, resume_with_changes: bool = False
 
     # 4. Train: the Trainer runs schedules, accumulation, checkpoints, resume and distribution.
     trainer = CETrainer(
-        model=student, args=args, train_dataset=dataset, data_collator=data.collator(),
-        processing_class=processor, loss_config=cfg.loss, callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
+        model=student,
+        args=args,
+        train_dataset=dataset,
+        data_collator=data.collator(),
+        processing_class=processor,
+        loss_config=cfg.loss,
+        callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
     )
     trainer.train(resume_from_checkpoint=run_dir.resume_from)
 
     # 5. Save: a plain transformers checkpoint, the resolved config and the metrics.
-    return run_dir.save_final(trainer, processor,
-                              {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)})
+    return run_dir.save_final(
+        trainer, processor, {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)}
+    )

@@ -18,11 +18,11 @@ from modistill.data.conversations import load_conversations
 from modistill.errors import UserError
 from modistill.io import atomic_output_dir
 from modistill.models.load import load_model
+from modistill.models.vocab import check_vocab_compatible
 from modistill.runtime.arguments import first_samples
 from modistill.runtime.inputs import output_head
 from modistill.stages import load_stage_config
 from modistill.teacher.cache import TeacherCacheWriter, cache_identity
-from modistill.models.vocab import check_vocab_compatible
 from modistill.teacher.fingerprint import model_fingerprint
 from modistill.teacher.live import LiveTeacher
 
@@ -50,32 +50,54 @@ def run_cache_teacher(cfg: CacheConfig, overwrite: bool = False) -> dict:
     processor = student.processor
     del student
     teacher = load_model(stage.teacher.path, dtype=stage.teacher.dtype)
-    check_vocab_compatible(processor.tokenizer, teacher.tokenizer, rows,
-                           teacher.model.get_output_embeddings().weight.shape[0], stage.teacher.vocab)
+    check_vocab_compatible(
+        processor.tokenizer,
+        teacher.tokenizer,
+        rows,
+        teacher.model.get_output_embeddings().weight.shape[0],
+        stage.teacher.vocab,
+    )
     live = LiveTeacher(teacher.model, rows, device=PartialState().device)
 
     # Data: exactly the samples training will see, rendered for the teacher if its processor differs.
     data_cfg = stage.data
     data = load_conversations(
-        data_cfg.train, image_root=data_cfg.image_root, processor=processor, max_length=data_cfg.max_length,
-        on_bad_sample=data_cfg.on_bad_sample, report_dir=None, teacher_processor=teacher.processor,
-        cache_dir=data_cfg.cache_dir, allow_outside_root=data_cfg.allow_outside_root,
+        data_cfg.train,
+        image_root=data_cfg.image_root,
+        processor=processor,
+        max_length=data_cfg.max_length,
+        on_bad_sample=data_cfg.on_bad_sample,
+        report_dir=None,
+        teacher_processor=teacher.processor,
+        cache_dir=data_cfg.cache_dir,
+        allow_outside_root=data_cfg.allow_outside_root,
     )
     dataset = first_samples(data.dataset, data_cfg.max_samples)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=data.collator(), shuffle=False)
 
     temperature = stage.loss.temperature
-    identity = cache_identity(data_cfg, processor.tokenizer, rows, temperature, cfg.top_k,
-                              teacher=stage.teacher.path, teacher_fingerprint=model_fingerprint(stage.teacher.path))
+    identity = cache_identity(
+        data_cfg,
+        processor.tokenizer,
+        rows,
+        temperature,
+        cfg.top_k,
+        teacher=stage.teacher.path,
+        teacher_fingerprint=model_fingerprint(stage.teacher.path),
+    )
     weight, bias = output_head(live.model)
     inputs = [stage.teacher.path, stage.student.path, data_cfg.image_root, *data_cfg.train]
-    with atomic_output_dir(cfg.output_dir, overwrite, kind="teacher-cache", inputs=inputs,
-                           legacy=("manifest.json",)) as tmp:
+    with atomic_output_dir(
+        cfg.output_dir, overwrite, kind="teacher-cache", inputs=inputs, legacy=("manifest.json",)
+    ) as tmp:
         writer = TeacherCacheWriter(tmp, identity, shard_size=cfg.shard_size)
         for batch in tqdm(loader, desc="caching teacher", unit="batch"):
             states = live.forward(batch)
             writer.add_batch(batch["sample_ids"], states.hidden, weight, states.targets, states.counts, bias)
         manifest = writer.close()
-    print(f"wrote {cfg.output_dir}: {manifest['num_samples']} samples, {manifest['num_tokens']} response tokens, "
-          f"{manifest['bytes'] / 1e6:.1f} MB ({manifest['bytes_per_token']} bytes/token, top-{cfg.top_k}, T={temperature})")
+    print(
+        f"wrote {cfg.output_dir}: {manifest['num_samples']} samples, {manifest['num_tokens']} response tokens, "
+        f"{manifest['bytes'] / 1e6:.1f} MB ({manifest['bytes_per_token']} bytes/token, top-{cfg.top_k}, "
+        f"T={temperature})"
+    )
     return manifest

@@ -80,8 +80,10 @@ class MimicDenseConfig:
         if not self.loss.kd_weight > 0:
             raise ValueError(f"stage {self.stage!r}: loss.kd_weight must be > 0 (for CE alone use stage: sft)")
         if self.loss.onpolicy_fraction > 0 and self.teacher_cache is not None:
-            raise ValueError("loss.onpolicy_fraction > 0 needs a live `teacher`: a teacher_cache only holds the "
-                             "dataset's answers (set loss.onpolicy_fraction: 0 or give teacher.path)")
+            raise ValueError(
+                "loss.onpolicy_fraction > 0 needs a live `teacher`: a teacher_cache only holds the "
+                "dataset's answers (set loss.onpolicy_fraction: 0 or give teacher.path)"
+            )
 
 
 class MimicTrainer(StageTrainer):
@@ -89,8 +91,9 @@ class MimicTrainer(StageTrainer):
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the accumulated batch's token count itself
 
-    def __init__(self, *args, loss_config: KDLoss, teacher: TeacherSource, onpolicy: OnPolicySampler | None = None,
-                 **kwargs):
+    def __init__(
+        self, *args, loss_config: KDLoss, teacher: TeacherSource, onpolicy: OnPolicySampler | None = None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config
         self.teacher = teacher
@@ -117,10 +120,19 @@ class MimicTrainer(StageTrainer):
         weight, bias = output_head(model)
         num_items = num_items_in_batch if num_items_in_batch is not None else states.targets.numel()
         losses = fused_distill_loss(
-            states.hidden, weight, teacher=teacher_target, labels=states.targets, kind=cfg.divergence,
-            temperature=cfg.temperature, ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight,
-            chunk_size=cfg.chunk_size, num_items=num_items, student_head_bias=bias,
-            beta=cfg.jsd_beta, alpha=cfg.skew_alpha,
+            states.hidden,
+            weight,
+            teacher=teacher_target,
+            labels=states.targets,
+            kind=cfg.divergence,
+            temperature=cfg.temperature,
+            ce_weight=cfg.ce_weight,
+            kd_weight=cfg.kd_weight,
+            chunk_size=cfg.chunk_size,
+            num_items=num_items,
+            student_head_bias=bias,
+            beta=cfg.jsd_beta,
+            alpha=cfg.skew_alpha,
         )
         # Logged per token: the normalised losses times the normaliser are this micro-batch's sums.
         tokens = states.targets.numel()
@@ -146,18 +158,36 @@ class MimicTrainer(StageTrainer):
         ce = torch.zeros((), device=weight.device)
         if cfg.ce_weight > 0:  # CE on the dataset's answers: first, so the router logits kept are the KD forward's
             _, states = self.student_states(model, inputs)
-            ce = fused_distill_loss(states.hidden, weight, teacher=None, labels=states.targets, kd_weight=0.0,
-                                    ce_weight=1.0, chunk_size=cfg.chunk_size, num_items=num_items,
-                                    student_head_bias=bias)["ce"]
+            ce = fused_distill_loss(
+                states.hidden,
+                weight,
+                teacher=None,
+                labels=states.targets,
+                kd_weight=0.0,
+                ce_weight=1.0,
+                chunk_size=cfg.chunk_size,
+                num_items=num_items,
+                student_head_bias=bias,
+            )["ce"]
             self.record("ce", ce.item() * num_items, states.targets.numel())
         sampled = self.onpolicy.sample(self.accelerator.unwrap_model(model), inputs, key)
         student_inputs, states = self.student_states(model, sampled.batch)
         teacher_target = self.teacher.targets(sampled.batch, states)
         kd_items = states.targets.numel() * num_items / original_tokens
         kd = fused_distill_loss(
-            states.hidden, weight, teacher=teacher_target, labels=states.targets, kind=cfg.divergence,
-            temperature=cfg.temperature, ce_weight=0.0, kd_weight=1.0, chunk_size=cfg.chunk_size,
-            num_items=kd_items, student_head_bias=bias, beta=cfg.jsd_beta, alpha=cfg.skew_alpha,
+            states.hidden,
+            weight,
+            teacher=teacher_target,
+            labels=states.targets,
+            kind=cfg.divergence,
+            temperature=cfg.temperature,
+            ce_weight=0.0,
+            kd_weight=1.0,
+            chunk_size=cfg.chunk_size,
+            num_items=kd_items,
+            student_head_bias=bias,
+            beta=cfg.jsd_beta,
+            alpha=cfg.skew_alpha,
         )["kd"]
         tokens = states.targets.numel()
         self.record("kd", kd.item() * kd_items, tokens)
@@ -178,9 +208,14 @@ def collator_and_sampler(loss: KDLoss, data, seed: int) -> tuple[object, OnPolic
     if loss.onpolicy_fraction <= 0:
         return collator, None
     rows = RowsCollator(collator)  # keeps the raw conversations: sampled answers are rendered like the data's
-    sampler = OnPolicySampler(rows.student, rows.teacher, fraction=loss.onpolicy_fraction,
-                              temperature=loss.onpolicy_temperature, max_new_tokens=loss.onpolicy_max_new_tokens,
-                              seed=seed)
+    sampler = OnPolicySampler(
+        rows.student,
+        rows.teacher,
+        fraction=loss.onpolicy_fraction,
+        temperature=loss.onpolicy_temperature,
+        max_new_tokens=loss.onpolicy_max_new_tokens,
+        seed=seed,
+    )
     return rows, sampler
 
 
@@ -193,18 +228,27 @@ def run(cfg: MimicDenseConfig, fresh: bool = False, resume_with_changes: bool = 
     # 2. Models: the dense student (trainable groups), and the frozen teacher or its cache.
     student, processor = load_student(cfg.student)
     if sparse_blocks(student):
-        raise UserError(f"{cfg.student.path}: the student is an MoE; stage mimic_dense trains a dense student "
-                        f"(use stage: mimic_sparse)")
+        raise UserError(
+            f"{cfg.student.path}: the student is an MoE; stage mimic_dense trains a dense student "
+            f"(use stage: mimic_sparse)"
+        )
     trainable = set_trainable(student, cfg.trainable)
     rows = student.get_output_embeddings().weight.shape[0]
-    teacher, teacher_processor = open_teacher(cfg.teacher, cfg.teacher_cache, processor, rows, cfg.data,
-                                              cfg.loss.temperature)
+    teacher, teacher_processor = open_teacher(
+        cfg.teacher, cfg.teacher_cache, processor, rows, cfg.data, cfg.loss.temperature
+    )
 
     # 3. Data: validated up front; a teacher with another processor gets its own rendering.
     data = load_conversations(
-        cfg.data.train, image_root=cfg.data.image_root, processor=processor, max_length=cfg.data.max_length,
-        on_bad_sample=cfg.data.on_bad_sample, report_dir=cfg.output_dir, teacher_processor=teacher_processor,
-        cache_dir=cfg.data.cache_dir, allow_outside_root=cfg.data.allow_outside_root,
+        cfg.data.train,
+        image_root=cfg.data.image_root,
+        processor=processor,
+        max_length=cfg.data.max_length,
+        on_bad_sample=cfg.data.on_bad_sample,
+        report_dir=cfg.output_dir,
+        teacher_processor=teacher_processor,
+        cache_dir=cfg.data.cache_dir,
+        allow_outside_root=cfg.data.allow_outside_root,
     )
     dataset = first_samples(data.dataset, cfg.data.max_samples)
     run_dir.check_samples(len(dataset))  # a resume must see the samples the run started on
@@ -212,13 +256,21 @@ def run(cfg: MimicDenseConfig, fresh: bool = False, resume_with_changes: bool = 
     # 4. Train: the teacher sits on the student's device, for inference only.
     collator, onpolicy = collator_and_sampler(cfg.loss, data, args.seed)
     trainer = MimicTrainer(
-        model=student, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
-        loss_config=cfg.loss, teacher=teacher, onpolicy=onpolicy, callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
+        model=student,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        loss_config=cfg.loss,
+        teacher=teacher,
+        onpolicy=onpolicy,
+        callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
     )
     if isinstance(teacher, LiveTeacher):
         teacher.model.to(trainer.accelerator.device)
     trainer.train(resume_from_checkpoint=run_dir.resume_from)
 
     # 5. Save: a plain transformers checkpoint (never with the teacher), the resolved config, the metrics.
-    return run_dir.save_final(trainer, processor,
-                              {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)})
+    return run_dir.save_final(
+        trainer, processor, {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)}
+    )

@@ -104,18 +104,27 @@ def run(cfg: MimicSparseConfig, fresh: bool = False, resume_with_changes: bool =
         student = upcycle(student, u.num_experts, u.top_k, u.layers, router_std=u.router_std, seed=u.seed)
         set_experts_implementation(student, cfg.student.experts_implementation)
     if not sparse_blocks(student):
-        raise UserError(f"{cfg.student.path}: stage mimic_sparse needs an MoE student: set `upcycle` "
-                        f"(e.g. {{num_experts: 4, top_k: 2}}) or give an upcycled model")
+        raise UserError(
+            f"{cfg.student.path}: stage mimic_sparse needs an MoE student: set `upcycle` "
+            f"(e.g. {{num_experts: 4, top_k: 2}}) or give an upcycled model"
+        )
     trainable = set_trainable(student, cfg.trainable)
     rows = student.get_output_embeddings().weight.shape[0]
-    teacher, teacher_processor = open_teacher(cfg.teacher, cfg.teacher_cache, processor, rows, cfg.data,
-                                              cfg.loss.temperature)
+    teacher, teacher_processor = open_teacher(
+        cfg.teacher, cfg.teacher_cache, processor, rows, cfg.data, cfg.loss.temperature
+    )
 
     # 3. Data: validated up front; a teacher with another processor gets its own rendering.
     data = load_conversations(
-        cfg.data.train, image_root=cfg.data.image_root, processor=processor, max_length=cfg.data.max_length,
-        on_bad_sample=cfg.data.on_bad_sample, report_dir=cfg.output_dir, teacher_processor=teacher_processor,
-        cache_dir=cfg.data.cache_dir, allow_outside_root=cfg.data.allow_outside_root,
+        cfg.data.train,
+        image_root=cfg.data.image_root,
+        processor=processor,
+        max_length=cfg.data.max_length,
+        on_bad_sample=cfg.data.on_bad_sample,
+        report_dir=cfg.output_dir,
+        teacher_processor=teacher_processor,
+        cache_dir=cfg.data.cache_dir,
+        allow_outside_root=cfg.data.allow_outside_root,
     )
     dataset = first_samples(data.dataset, cfg.data.max_samples)
     run_dir.check_samples(len(dataset))  # a resume must see the samples the run started on
@@ -123,8 +132,15 @@ def run(cfg: MimicSparseConfig, fresh: bool = False, resume_with_changes: bool =
     # 4. Train: the teacher sits on the student's device, for inference only.
     collator, onpolicy = collator_and_sampler(cfg.loss, data, args.seed)
     trainer = SparseMimicTrainer(
-        model=student, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
-        loss_config=cfg.loss, teacher=teacher, onpolicy=onpolicy, callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
+        model=student,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        loss_config=cfg.loss,
+        teacher=teacher,
+        onpolicy=onpolicy,
+        callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
     )
     if isinstance(teacher, LiveTeacher):
         teacher.model.to(trainer.accelerator.device)
@@ -132,8 +148,9 @@ def run(cfg: MimicSparseConfig, fresh: bool = False, resume_with_changes: bool =
 
     # 5. Save: a plain transformers MoE checkpoint (Qwen3-MoE / Qwen2-MoE / Mixtral inside Llava), and the
     #    routers as upcycled, so that stage 2 can report routing drift since upcycling.
-    metrics = run_dir.save_final(trainer, processor,
-                                 {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)})
+    metrics = run_dir.save_final(
+        trainer, processor, {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)}
+    )
     if trainer.is_world_process_zero():
         save_routers(Path(cfg.output_dir) / ROUTERS_FILE, trainer.router_monitor.initial)
     return metrics

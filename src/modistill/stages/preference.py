@@ -22,9 +22,10 @@ from typing import Literal
 from accelerate import PartialState
 
 from modistill.data.preferences import load_preferences
+from modistill.losses.balance import balance_terms
 from modistill.losses.preference import preference_loss
 from modistill.models.load import load_model
-from modistill.losses.balance import balance_terms
+from modistill.models.vocab import check_vocab_compatible
 from modistill.moe import RouterLogitsCollector, sparse_blocks, top_k_of
 from modistill.router_metrics import ROUTERS_FILE, RouterMonitor, load_routers
 from modistill.runtime.arguments import callbacks_for, first_samples
@@ -34,11 +35,15 @@ from modistill.runtime.inputs import pair_inputs, pair_logps
 from modistill.runtime.rundir import start_stage
 from modistill.runtime.student import load_student
 from modistill.runtime.trainer import StageTrainer
-from modistill.models.vocab import check_vocab_compatible
 from modistill.teacher.fingerprint import data_fingerprint, model_fingerprint
 from modistill.teacher.live import freeze
-from modistill.teacher.reference import LiveReference, ReferenceStore, StoredReference, compute_reference
-from modistill.teacher.reference import save_reference
+from modistill.teacher.reference import (
+    LiveReference,
+    ReferenceStore,
+    StoredReference,
+    compute_reference,
+    save_reference,
+)
 
 PreferenceKind = Literal["kto_pair", "sigmoid", "ipo", "hinge"]
 
@@ -76,8 +81,15 @@ class PreferenceConfig:
 class PreferenceTrainer(StageTrainer):
     loss_is_scaled_for_ga = False  # a per-pair mean: the Trainer divides by the accumulation steps
 
-    def __init__(self, *args, loss_config: PreferenceLoss, reference: StoredReference | LiveReference,
-                 pad_id: int, initial_routers: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        loss_config: PreferenceLoss,
+        reference: StoredReference | LiveReference,
+        pad_id: int,
+        initial_routers: dict | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config
         self.reference = reference
@@ -97,8 +109,13 @@ class PreferenceTrainer(StageTrainer):
         policy_chosen, policy_rejected = seq[:half], seq[half:]
         ref_chosen, ref_rejected = (t.to(seq.device) for t in self.reference.lookup_batch(inputs))
         loss, chosen_rewards, rejected_rewards = preference_loss(
-            policy_chosen.float(), policy_rejected.float(), ref_chosen, ref_rejected, beta=cfg.beta,
-            kind=cfg.preference, detach_kl=cfg.kto_detach_kl,
+            policy_chosen.float(),
+            policy_rejected.float(),
+            ref_chosen,
+            ref_rejected,
+            beta=cfg.beta,
+            kind=cfg.preference,
+            detach_kl=cfg.kto_detach_kl,
         )
         n = half
         self.record("pref_loss", loss.item() * n, n)
@@ -149,15 +166,26 @@ def run(cfg: PreferenceConfig, fresh: bool = False, resume_with_changes: bool = 
     groups = cfg.trainable or (["projector", "dense_mlp", "experts", "routers"] if is_moe else ["projector", "llm"])
     trainable = set_trainable(student, groups)
     teacher = load_model(cfg.teacher.path, dtype=cfg.teacher.dtype)
-    check_vocab_compatible(processor.tokenizer, teacher.tokenizer, student.get_output_embeddings().weight.shape[0],
-                           teacher.model.get_output_embeddings().weight.shape[0], cfg.teacher.vocab)
+    check_vocab_compatible(
+        processor.tokenizer,
+        teacher.tokenizer,
+        student.get_output_embeddings().weight.shape[0],
+        teacher.model.get_output_embeddings().weight.shape[0],
+        cfg.teacher.vocab,
+    )
     freeze(teacher.model)
 
     # 3. Data: pairs keep every image token; the teacher renders its own inputs if its processor differs.
     data = load_preferences(
-        cfg.data.train, image_root=cfg.data.image_root, processor=processor, max_length=cfg.data.max_length,
-        on_bad_sample=cfg.data.on_bad_sample, report_dir=cfg.output_dir, teacher_processor=teacher.processor,
-        cache_dir=cfg.data.cache_dir, allow_outside_root=cfg.data.allow_outside_root,
+        cfg.data.train,
+        image_root=cfg.data.image_root,
+        processor=processor,
+        max_length=cfg.data.max_length,
+        on_bad_sample=cfg.data.on_bad_sample,
+        report_dir=cfg.output_dir,
+        teacher_processor=teacher.processor,
+        cache_dir=cfg.data.cache_dir,
+        allow_outside_root=cfg.data.allow_outside_root,
     )
     dataset = first_samples(data.dataset, cfg.data.max_samples)
     run_dir.check_samples(len(dataset))  # a resume must see the samples the run started on
@@ -167,15 +195,24 @@ def run(cfg: PreferenceConfig, fresh: bool = False, resume_with_changes: bool = 
     # 4. Reference log-probs: computed once and stored (default), or the teacher kept beside the student.
     reference: StoredReference | LiveReference
     if cfg.reference == "precompute":
-        identity = {"teacher_fingerprint": model_fingerprint(cfg.teacher.path), "logps": cfg.loss.logps,
-                    "data_fingerprint": data_fingerprint(cfg.data.train, cfg.data.max_length, cfg.data.max_samples)}
+        identity = {
+            "teacher_fingerprint": model_fingerprint(cfg.teacher.path),
+            "logps": cfg.loss.logps,
+            "data_fingerprint": data_fingerprint(cfg.data.train, cfg.data.max_length, cfg.data.max_samples),
+        }
         store_dir = Path(cfg.output_dir) / "reference"
         with PartialState().main_process_first():  # one process computes; the others read its result
             if not ReferenceStore.exists(store_dir):
                 teacher.model.to(PartialState().device)
-                ids, chosen, rejected = compute_reference(teacher.model, dataset, collator,
-                                                          cfg.train.per_device_train_batch_size, cfg.loss.logps,
-                                                          pad_id, cfg.loss.chunk_size)
+                ids, chosen, rejected = compute_reference(
+                    teacher.model,
+                    dataset,
+                    collator,
+                    cfg.train.per_device_train_batch_size,
+                    cfg.loss.logps,
+                    pad_id,
+                    cfg.loss.chunk_size,
+                )
                 save_reference(store_dir, ids, chosen, rejected, identity)
         reference = StoredReference(ReferenceStore(store_dir, identity))
         del teacher  # training never holds the teacher
@@ -184,8 +221,15 @@ def run(cfg: PreferenceConfig, fresh: bool = False, resume_with_changes: bool = 
 
     # 5. Train.
     trainer = PreferenceTrainer(
-        model=student, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
-        loss_config=cfg.loss, reference=reference, pad_id=pad_id, callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
+        model=student,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        loss_config=cfg.loss,
+        reference=reference,
+        pad_id=pad_id,
+        callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
         initial_routers=_routers_at_upcycling(cfg.student.path),
     )
     if isinstance(reference, LiveReference):
@@ -193,5 +237,8 @@ def run(cfg: PreferenceConfig, fresh: bool = False, resume_with_changes: bool = 
     trainer.train(resume_from_checkpoint=run_dir.resume_from)
 
     # 6. Save.
-    return run_dir.save_final(trainer, processor, {"trainable": trainable, "samples": len(dataset),
-                                                   "skipped": len(data.problems), "reference": cfg.reference})
+    return run_dir.save_final(
+        trainer,
+        processor,
+        {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems), "reference": cfg.reference},
+    )

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -27,9 +27,9 @@ from modistill.errors import UserError
 from modistill.io import write_json_atomic
 from modistill.losses.fused import topk_from_logits
 from modistill.losses.teachers import TeacherTopK
+from modistill.runtime.inputs import ResponseStates
 from modistill.teacher.fingerprint import data_fingerprint, tokenizer_fingerprint
 from modistill.teacher.live import check_aligned
-from modistill.runtime.inputs import ResponseStates
 
 FORMAT = "modistill-teacher-cache/1"
 
@@ -47,8 +47,15 @@ class CacheIdentity:
     temperature: float
 
 
-def cache_identity(data_cfg, tokenizer, vocab_rows: int, temperature: float, top_k: int = 0,
-                   teacher: str = "", teacher_fingerprint: str = "") -> CacheIdentity:
+def cache_identity(
+    data_cfg,
+    tokenizer,
+    vocab_rows: int,
+    temperature: float,
+    top_k: int = 0,
+    teacher: str = "",
+    teacher_fingerprint: str = "",
+) -> CacheIdentity:
     """The identity a run expects of its cache (teacher fields are informative, not compared)."""
     return CacheIdentity(
         teacher=teacher,
@@ -74,15 +81,24 @@ class TeacherCacheWriter:
         self.num_tokens = 0
 
     @torch.no_grad()
-    def add_batch(self, sample_ids, hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                  counts: torch.Tensor, head_bias: torch.Tensor | None = None, chunk_size: int = 256) -> None:
+    def add_batch(
+        self,
+        sample_ids,
+        hidden: torch.Tensor,
+        head_weight: torch.Tensor,
+        targets: torch.Tensor,
+        counts: torch.Tensor,
+        head_bias: torch.Tensor | None = None,
+        chunk_size: int = 256,
+    ) -> None:
         """hidden [N, H] at response positions of the batch (grouped by sample, `counts` [B] rows each)."""
         weight = head_weight[: self.identity.vocab_rows]
         bias = None if head_bias is None else head_bias[: self.identity.vocab_rows]
         ids_parts, lp_parts = [], []
         for start in range(0, hidden.shape[0], chunk_size):
-            logits = torch.nn.functional.linear(hidden[start : start + chunk_size].float(), weight.float(),
-                                                None if bias is None else bias.float())
+            logits = torch.nn.functional.linear(
+                hidden[start : start + chunk_size].float(), weight.float(), None if bias is None else bias.float()
+            )
             ids, logprobs = topk_from_logits(logits, self.identity.top_k, self.identity.temperature)
             ids_parts.append(ids.to(torch.int32).cpu())
             lp_parts.append(logprobs.float().cpu())
@@ -139,7 +155,9 @@ class TeacherCache:
         self.dir = Path(cache_dir)
         manifest_path = self.dir / "manifest.json"
         if not manifest_path.is_file():
-            raise UserError(f"{self.dir}: not a complete teacher cache (no manifest.json); run `modistill cache-teacher`")
+            raise UserError(
+                f"{self.dir}: not a complete teacher cache (no manifest.json); run `modistill cache-teacher`"
+            )
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("format") != FORMAT:
             raise UserError(f"{manifest_path}: unknown cache format {self.manifest.get('format')!r}")
@@ -180,7 +198,9 @@ class TeacherCache:
             try:
                 shard, start, end = self._index[str(sample_id)]
             except KeyError:
-                raise UserError(f"sample {sample_id}: not in teacher cache {self.dir}; re-run `modistill cache-teacher`") from None
+                raise UserError(
+                    f"sample {sample_id}: not in teacher cache {self.dir}; re-run `modistill cache-teacher`"
+                ) from None
             handle = self._open(shard)
             ids.append(handle.get_slice("ids")[start:end])
             lps.append(handle.get_slice("logprobs")[start:end])

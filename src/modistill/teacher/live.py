@@ -17,8 +17,13 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_aligned(student: ResponseStates, teacher_targets: torch.Tensor, teacher_counts: torch.Tensor,
-                  sample_ids, who: str = "teacher") -> None:
+def check_aligned(
+    student: ResponseStates,
+    teacher_targets: torch.Tensor,
+    teacher_counts: torch.Tensor,
+    sample_ids,
+    who: str = "teacher",
+) -> None:
     """The teacher's response tokens must be the student's, sample by sample (KD aligns by position)."""
     if torch.equal(student.counts.cpu(), teacher_counts.cpu()) and torch.equal(
         student.targets.cpu(), teacher_targets.cpu()
@@ -29,10 +34,14 @@ def check_aligned(student: ResponseStates, teacher_targets: torch.Tensor, teache
     for i, (a, b) in enumerate(zip(s_counts, t_counts)):
         if a != b:
             name = ids[i] if i < len(ids) else i
-            raise UserError(f"sample {name}: the {who} has {b} response tokens, the student {a}; "
-                            f"both must render the same answer (same tokenizer, no truncation of the answer)")
-    raise UserError(f"samples {ids[:4]}: the {who}'s response tokens differ from the student's; "
-                    f"teacher and student must share the tokenizer")
+            raise UserError(
+                f"sample {name}: the {who} has {b} response tokens, the student {a}; "
+                f"both must render the same answer (same tokenizer, no truncation of the answer)"
+            )
+    raise UserError(
+        f"samples {ids[:4]}: the {who}'s response tokens differ from the student's; "
+        f"teacher and student must share the tokenizer"
+    )
 
 
 class LiveTeacher:

@@ -27,8 +27,9 @@ FORMAT = "modistill-reference-logps/1"
 
 
 @torch.no_grad()
-def compute_reference(teacher, dataset, collator, batch_size: int, mode: str, pad_id: int,
-                      chunk_size: int = 256) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def compute_reference(
+    teacher, dataset, collator, batch_size: int, mode: str, pad_id: int, chunk_size: int = 256
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Run the teacher over every pair once: sample ids, chosen logps [M], rejected logps [M]."""
     ids: list[str] = []
     chosen: list[torch.Tensor] = []
@@ -42,11 +43,15 @@ def compute_reference(teacher, dataset, collator, batch_size: int, mode: str, pa
     return ids, torch.cat(chosen), torch.cat(rejected)
 
 
-def save_reference(out_dir: str | Path, sample_ids: list[str], chosen: torch.Tensor, rejected: torch.Tensor,
-                   identity: dict) -> None:
+def save_reference(
+    out_dir: str | Path, sample_ids: list[str], chosen: torch.Tensor, rejected: torch.Tensor, identity: dict
+) -> None:
     with atomic_output_dir(out_dir, overwrite=True, kind="reference", legacy=("manifest.json",)) as tmp:
-        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp / "logps.safetensors"),
-                  metadata={"sample_ids": json.dumps(sample_ids)})
+        save_file(
+            {"chosen": chosen.contiguous(), "rejected": rejected.contiguous()},
+            str(tmp / "logps.safetensors"),
+            metadata={"sample_ids": json.dumps(sample_ids)},
+        )
         write_json_atomic(tmp / "manifest.json", {"format": FORMAT, **identity, "num_pairs": len(sample_ids)})
 
 

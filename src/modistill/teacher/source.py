@@ -10,10 +10,10 @@ from typing import Protocol
 
 from modistill.losses.teachers import TeacherHidden, TeacherTopK
 from modistill.models.load import load_model
+from modistill.models.vocab import check_vocab_compatible
 from modistill.runtime.config import DataConfig, TeacherConfig
 from modistill.runtime.inputs import ResponseStates
 from modistill.teacher.cache import TeacherCache, cache_identity
-from modistill.models.vocab import check_vocab_compatible
 from modistill.teacher.live import LiveTeacher
 
 
@@ -21,8 +21,14 @@ class TeacherSource(Protocol):
     def targets(self, batch: dict, student: ResponseStates) -> TeacherHidden | TeacherTopK: ...
 
 
-def open_teacher(teacher: TeacherConfig | None, cache_dir: str | None, processor, student_rows: int,
-                 data: DataConfig, temperature: float) -> tuple[TeacherSource, object | None]:
+def open_teacher(
+    teacher: TeacherConfig | None,
+    cache_dir: str | None,
+    processor,
+    student_rows: int,
+    data: DataConfig,
+    temperature: float,
+) -> tuple[TeacherSource, object | None]:
     """The teacher source of a mimic stage and the teacher's processor (None: the student's serves).
 
     A cache wins over a live teacher; it is refused when it was made for other data, another
@@ -34,6 +40,11 @@ def open_teacher(teacher: TeacherConfig | None, cache_dir: str | None, processor
         return TeacherCache(cache_dir, expected=expected), None
     assert teacher is not None  # the stage configs require a teacher or a cache
     loaded = load_model(teacher.path, dtype=teacher.dtype)
-    check_vocab_compatible(processor.tokenizer, loaded.tokenizer, student_rows,
-                           loaded.model.get_output_embeddings().weight.shape[0], teacher.vocab)
+    check_vocab_compatible(
+        processor.tokenizer,
+        loaded.tokenizer,
+        student_rows,
+        loaded.model.get_output_embeddings().weight.shape[0],
+        teacher.vocab,
+    )
     return LiveTeacher(loaded.model, student_rows), loaded.processor
