@@ -225,20 +225,27 @@ def run(cfg: MimicDenseConfig, fresh: bool = False, resume_with_changes: bool = 
     if run_dir.done:
         return run_dir.metrics()
 
-    # 2. Models: the dense student (trainable groups), and the frozen teacher or its cache.
+    # 2. Model: the dense student (stage 1b distils an upcycled one through the same steps below).
     student, processor = load_student(cfg.student)
     if sparse_blocks(student):
         raise UserError(
             f"{cfg.student.path}: the student is an MoE; stage mimic_dense trains a dense student "
             f"(use stage: mimic_sparse)"
         )
+    _, metrics = distil(cfg, args, run_dir, student, processor, MimicTrainer)
+    return metrics
+
+
+def distil(cfg: MimicDenseConfig, args, run_dir, student, processor, trainer_cls: type[MimicTrainer]):
+    """Steps 3-6 of a mimic stage, once its student is ready: returns (trainer, metrics)."""
+    # 3. Trainable groups, and the frozen teacher or its cache.
     trainable = set_trainable(student, cfg.trainable)
     rows = student.get_output_embeddings().weight.shape[0]
     teacher, teacher_processor = open_teacher(
         cfg.teacher, cfg.teacher_cache, processor, rows, cfg.data, cfg.loss.temperature
     )
 
-    # 3. Data: validated up front; a teacher with another processor gets its own rendering.
+    # 4. Data: validated up front; a teacher with another processor gets its own rendering.
     data = load_conversations(
         cfg.data.train,
         image_root=cfg.data.image_root,
@@ -253,9 +260,9 @@ def run(cfg: MimicDenseConfig, fresh: bool = False, resume_with_changes: bool = 
     dataset = first_samples(data.dataset, cfg.data.max_samples)
     run_dir.check_samples(len(dataset))  # a resume must see the samples the run started on
 
-    # 4. Train: the teacher sits on the student's device, for inference only.
+    # 5. Train: the teacher sits on the student's device, for inference only.
     collator, onpolicy = collator_and_sampler(cfg.loss, data, args.seed)
-    trainer = MimicTrainer(
+    trainer = trainer_cls(
         model=student,
         args=args,
         train_dataset=dataset,
@@ -270,7 +277,6 @@ def run(cfg: MimicDenseConfig, fresh: bool = False, resume_with_changes: bool = 
         teacher.model.to(trainer.accelerator.device)
     trainer.train(resume_from_checkpoint=run_dir.resume_from)
 
-    # 5. Save: a plain transformers checkpoint (never with the teacher), the resolved config, the metrics.
-    return run_dir.save_final(
-        trainer, processor, {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)}
-    )
+    # 6. Save: a plain transformers checkpoint (never with the teacher), the resolved config, the metrics.
+    extra = {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)}
+    return trainer, run_dir.save_final(trainer, processor, extra)

@@ -20,19 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from modistill.data.conversations import load_conversations
 from modistill.errors import UserError
 from modistill.losses.balance import balance_terms
 from modistill.moe import RouterLogitsCollector, set_experts_implementation, sparse_blocks, top_k_of
 from modistill.router_metrics import ROUTERS_FILE, RouterMonitor, save_routers
-from modistill.runtime.arguments import callbacks_for, first_samples
 from modistill.runtime.config import UpcycleSpec
-from modistill.runtime.groups import set_trainable
 from modistill.runtime.rundir import start_stage
 from modistill.runtime.student import load_student
-from modistill.stages.mimic_dense import KDLoss, MimicDenseConfig, MimicTrainer, collator_and_sampler
-from modistill.teacher.live import LiveTeacher
-from modistill.teacher.source import open_teacher
+from modistill.stages.mimic_dense import KDLoss, MimicDenseConfig, MimicTrainer, distil
 from modistill.upcycle import upcycle
 
 
@@ -97,7 +92,7 @@ def run(cfg: MimicSparseConfig, fresh: bool = False, resume_with_changes: bool =
     if run_dir.done:
         return run_dir.metrics()
 
-    # 2. Models: the dense student, upcycled into an MoE here; the frozen teacher or its cache.
+    # 2. Model: the dense student, upcycled into an MoE here (every expert a copy of its dense FFN).
     student, processor = load_student(cfg.student)
     if cfg.upcycle is not None:
         u = cfg.upcycle
@@ -108,49 +103,10 @@ def run(cfg: MimicSparseConfig, fresh: bool = False, resume_with_changes: bool =
             f"{cfg.student.path}: stage mimic_sparse needs an MoE student: set `upcycle` "
             f"(e.g. {{num_experts: 4, top_k: 2}}) or give an upcycled model"
         )
-    trainable = set_trainable(student, cfg.trainable)
-    rows = student.get_output_embeddings().weight.shape[0]
-    teacher, teacher_processor = open_teacher(
-        cfg.teacher, cfg.teacher_cache, processor, rows, cfg.data, cfg.loss.temperature
-    )
-
-    # 3. Data: validated up front; a teacher with another processor gets its own rendering.
-    data = load_conversations(
-        cfg.data.train,
-        image_root=cfg.data.image_root,
-        processor=processor,
-        max_length=cfg.data.max_length,
-        on_bad_sample=cfg.data.on_bad_sample,
-        report_dir=cfg.output_dir,
-        teacher_processor=teacher_processor,
-        cache_dir=cfg.data.cache_dir,
-        allow_outside_root=cfg.data.allow_outside_root,
-    )
-    dataset = first_samples(data.dataset, cfg.data.max_samples)
-    run_dir.check_samples(len(dataset))  # a resume must see the samples the run started on
-
-    # 4. Train: the teacher sits on the student's device, for inference only.
-    collator, onpolicy = collator_and_sampler(cfg.loss, data, args.seed)
-    trainer = SparseMimicTrainer(
-        model=student,
-        args=args,
-        train_dataset=dataset,
-        data_collator=collator,
-        processing_class=processor,
-        loss_config=cfg.loss,
-        teacher=teacher,
-        onpolicy=onpolicy,
-        callbacks=callbacks_for(cfg.train) + run_dir.callbacks,
-    )
-    if isinstance(teacher, LiveTeacher):
-        teacher.model.to(trainer.accelerator.device)
-    trainer.train(resume_from_checkpoint=run_dir.resume_from)
-
-    # 5. Save: a plain transformers MoE checkpoint (Qwen3-MoE / Qwen2-MoE / Mixtral inside Llava), and the
-    #    routers as upcycled, so that stage 2 can report routing drift since upcycling.
-    metrics = run_dir.save_final(
-        trainer, processor, {"trainable": trainable, "samples": len(dataset), "skipped": len(data.problems)}
-    )
+    # 3-6. As stage 1a: trainable groups, teacher, data, train, save (a plain transformers MoE checkpoint:
+    #      Qwen3-MoE / Qwen2-MoE / Mixtral inside Llava).
+    trainer, metrics = distil(cfg, args, run_dir, student, processor, SparseMimicTrainer)
+    # The routers as upcycled, so that stage 2 can report routing drift since upcycling.
     if trainer.is_world_process_zero():
         save_routers(Path(cfg.output_dir) / ROUTERS_FILE, trainer.router_monitor.initial)
     return metrics
