@@ -26,7 +26,15 @@ from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from photos import GRACE_HOPPER, photo_variants  # noqa: E402
-from real_chain import CAPTION_PROMPT, QUESTION, VISION, smollm2_gguf, step_seconds, write_data  # noqa: E402
+from real_chain import (  # noqa: E402
+    CAPTION_PROMPT,
+    QUESTION,
+    VISION,
+    generate_reply,
+    smollm2_gguf,
+    step_seconds,
+    write_data,
+)
 
 CONFIGS = HERE.parent / "configs" / "smollm2-135m"
 
@@ -34,22 +42,10 @@ CONFIGS = HERE.parent / "configs" / "smollm2-135m"
 def ask(path: Path) -> dict[str, str]:
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
-    answers = {}
-    for key, content in (
-        ("answer", [{"type": "text", "text": QUESTION}]),
-        ("caption", [{"type": "image", "image": Image.open(GRACE_HOPPER)}, {"type": "text", "text": CAPTION_PROMPT}]),
-    ):
-        batch = processor.apply_chat_template(
-            [{"role": "user", "content": content}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-        )
-        with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=24, do_sample=False)
-        answers[key] = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return answers
+    return {
+        "answer": generate_reply(model, processor, QUESTION, tokens=24),
+        "caption": generate_reply(model, processor, CAPTION_PROMPT, Image.open(GRACE_HOPPER), tokens=24),
+    }
 
 
 def main() -> int:

