@@ -44,7 +44,18 @@ def test_build_writes_the_promised_files(world_dir):
     assert len(train) == summary["train_samples"] == 240
     assert {"id", "image", "conversations"} <= set(train[0])
     images = {s["image"] for s in train} | {r["image"] for r in _jsonl(out / "eval/captions.jsonl")}
-    assert len(images) == 270 and len(list((out / "images").glob("*.png"))) == 270
+    val = _jsonl(out / "val/scenes.jsonl")
+    assert len(images) == 270 and len(list((out / "images").glob("*.png"))) == 270 + len(val)
+    # Validation scenes: training-bucket graphs that train.json does not hold.
+    from modistill.scenes.world import Scene, World, WorldConfig
+
+    world = World(WorldConfig(**json.loads((out / "world.json").read_text())["config"]))
+    seen = {Scene.from_json(r["scene"]).canonical() for r in _jsonl(out / "train_scenes.jsonl")}
+    assert len(val) > 10 and all((out / r["image"]).is_file() for r in val)
+    for row in val:
+        scene = Scene.from_json(row["scene"])
+        assert world.split_of(scene) == "train" and scene.canonical() not in seen
+    assert (out / "val/pope.jsonl").is_file() and (out / "val/vqa.jsonl").is_file()
     img = Image.open(out / train[0]["image"])
     assert img.size == (48, 48) and img.mode == "RGB"
 

@@ -178,15 +178,41 @@ def _add_eval(sub) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from modistill.demo.pipeline import run_demo
+    from modistill.demo.seeds import run_seeds
 
-    run_demo(args.out, seed=args.seed, quick=args.quick, fresh=args.fresh, progress=not args.no_progress)
+    if args.seeds is not None:
+        run_seeds(
+            args.out, args.seeds, args.world_seed, quick=args.quick, fresh=args.fresh, progress=not args.no_progress
+        )
+        return 0
+    run_demo(
+        args.out,
+        seed=args.seed,
+        world_seed=args.world_seed,
+        quick=args.quick,
+        fresh=args.fresh,
+        progress=not args.no_progress,
+    )
     return 0
 
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole chain on the built-in scenes world, with a report (~10 min on 2 cores)")
     p.add_argument("--out", default="runs/demo", help="run directory (re-running resumes; finished stages are skipped)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (inits, data order, sampling)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="run seeds 0..N-1 (OUT/seedK) and write OUT/summary.md: mean ± std and the demo's targets",
+    )
+    p.add_argument(
+        "--world-seed",
+        type=int,
+        default=0,
+        help="seed of the world itself (which kinds are popular and co-occur, the scenes, the split); "
+        "the demo's figures are tuned on world 0's training scenes, so another world tests them fresh",
+    )
     p.add_argument("--quick", action="store_true", help="a ~2 minute smoke run of the chain (not a result)")
     p.add_argument("--fresh", action="store_true", help="discard a previous run in --out and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

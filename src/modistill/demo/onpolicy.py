@@ -3,8 +3,12 @@
 RLAIF-V builds its pairs from the policy's own answers judged by a stronger labeller. Here the
 labeller is exact: the oracle compares each sampled caption with the image's scene graph.
 Faithful answers (covering at least half of the objects) are chosen, hallucinated or unparseable
-ones rejected; without such a contrast, ground truth vs a corrupted caption stands in. The pairs
-are written in the RLAIF-V format, so they are inspectable and reusable like any user data.
+ones rejected; without such a contrast, ground truth vs a corrupted caption stands in.
+
+Like RLAIF-V, which mixes long and short answers, a share of the pairs are existence questions
+(the true "yes"/"no" chosen, the other rejected). Caption pairs alone teach caution: measured at
+demo scale, a student trained on them only learns to say less, and its POPE yes-ratio drifts. The
+pairs are written in the RLAIF-V format, so they are inspectable and reusable like any user data.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from modistill.errors import UserError
 from modistill.eval.generate import generate_answers
 from modistill.io import write_json_atomic
 from modistill.scenes.oracle import label_preference_pairs, score_caption
-from modistill.scenes.text import CAPTION_PROMPTS
+from modistill.scenes.text import CAPTION_PROMPTS, make_question
 from modistill.scenes.world import Scene, World, WorldConfig
 
 
@@ -45,14 +49,19 @@ def build_onpolicy_pairs(
     batch_size: int = 32,
     max_pairs_per_image: int = 2,
     max_new_tokens: int = 48,
+    short_answers: int = 0,
+    greedy: bool = True,
     progress: bool = True,
 ) -> dict:
-    """Sample `samples` captions per training image from `loaded` (a LoadedModel) and write pairs."""
+    """Sample `samples` captions per training image from `loaded` (a LoadedModel), plus its greedy
+    caption unless `greedy` is False, and write oracle-labelled pairs; then `short_answers`
+    existence-question pairs on other training images."""
     world_dir = Path(world_dir)
     world = World(WorldConfig(**json.loads((world_dir / "world.json").read_text())["config"]))
     rng = random.Random(seed)
     scenes = read_train_scenes(world_dir)
-    picked = rng.sample(scenes, min(n_images, len(scenes)))
+    picked = rng.sample(scenes, min(n_images + short_answers, len(scenes)))
+    picked, short = picked[:n_images], picked[n_images:]
     styles = list(CAPTION_PROMPTS)
     items = [{"image": str(world_dir / image), "text": CAPTION_PROMPTS[rng.choice(styles)]} for image, _ in picked]
     answers = generate_answers(
@@ -70,11 +79,25 @@ def build_onpolicy_pairs(
     )
     if samples == 1:
         answers = [[a] for a in answers]
+    if greedy:
+        # The greedy caption too: its errors (measured: mostly a repeated object instead of the next one)
+        # differ from sampling noise, and preference pairs only correct the errors they contain.
+        greedy_answers = generate_answers(
+            loaded.model,
+            loaded.processor,
+            items,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+            desc="greedy captions",
+        )
+        answers = [[g, *a] for g, a in zip(greedy_answers, answers)]
     pairs, sampled_chosen, sampled_rejected, hallucinated, total = [], 0, 0, 0, 0
     for k, ((image, scene), item, responses) in enumerate(zip(picked, items, answers)):
         scores = [score_caption(r, scene) for r in responses]
-        hallucinated += sum(not s.parseable or s.hallucinated for s in scores)
-        total += len(scores)
+        sampled = scores[1:] if greedy else scores
+        hallucinated += sum(not s.parseable or s.hallucinated for s in sampled)
+        total += len(sampled)
         for pair in label_preference_pairs(
             scene,
             item["text"],
@@ -88,8 +111,13 @@ def build_onpolicy_pairs(
             sampled_chosen += pair["chosen"] in responses
             sampled_rejected += pair["rejected"] in responses
             pairs.append(pair)
+    short_pairs, short_wrong = existence_pairs(loaded, world_dir, world, short, rng, batch_size, progress)
+    pairs += short_pairs
+    rng.shuffle(pairs)
     write_json_atomic(out_file, pairs)
     return {
+        "short_answer_pairs": len(short_pairs),
+        "short_answer_error_rate": short_wrong / max(len(short_pairs), 1),
         "images": len(picked),
         "samples_per_image": samples,
         "pairs": len(pairs),
@@ -97,3 +125,39 @@ def build_onpolicy_pairs(
         "chosen_from_model": sampled_chosen / max(len(pairs), 1),
         "rejected_from_model": sampled_rejected / max(len(pairs), 1),
     }
+
+
+def existence_pairs(
+    loaded,
+    world_dir: Path,
+    world: World,
+    rows: list[tuple[str, Scene]],
+    rng: random.Random,
+    batch_size: int,
+    progress: bool,
+) -> tuple[list[dict], int]:
+    """One existence question per image (yes/no alternating, near misses among the negatives):
+    the true answer chosen, the other rejected. Returns the pairs and how many the model got wrong."""
+    questions = [
+        make_question(scene, "exists", world, rng, target=("yes", "no")[i % 2]) for i, (_, scene) in enumerate(rows)
+    ]
+    items = [{"image": str(world_dir / image), "text": q} for (image, _), (q, _) in zip(rows, questions)]
+    answers = (
+        generate_answers(
+            loaded.model,
+            loaded.processor,
+            items,
+            batch_size=batch_size,
+            max_new_tokens=4,
+            progress=progress,
+            desc="asking the student",
+        )
+        if items
+        else []
+    )
+    pairs, wrong = [], 0
+    for k, ((image, _), (question, truth), answer) in enumerate(zip(rows, questions, answers)):
+        wrong += answer.strip().lower().rstrip(".") != truth
+        other = "no" if truth == "yes" else "yes"
+        pairs.append({"id": f"short-{k}", "image": image, "question": question, "chosen": truth, "rejected": other})
+    return pairs, wrong

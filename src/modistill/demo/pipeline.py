@@ -1,9 +1,10 @@
 """`modistill demo`: the whole LLaVA-MoD chain on the built-in scenes world, measured.
 
-    DIR/world/                scenes world: images, train.json, prefs, eval sets, tokenizer
+    DIR/world/                scenes world: images, train.json, prefs, eval and validation sets, tokenizer
+    DIR/vision/               the shared SigLIP tower, pretrained as a scene-graph reader
     DIR/configs/*.yaml        every stage's YAML (re-runnable with `modistill train`)
     DIR/teacher-stage0/       teacher projector alignment
-    DIR/teacher/              the final teacher (dense, trained from scratch)
+    DIR/teacher/              the final teacher (dense; frozen tower, projector + LLM trained)
     DIR/student/stage0|stage1a|stage1b|stage2/   one checkpoint per student stage
     DIR/student/prefs.json    on-policy preference pairs (1b student sampled, oracle-labelled)
     DIR/eval/<model>.json     held-out evaluation of each model
@@ -27,6 +28,7 @@ import yaml
 from modistill.config import to_dict
 from modistill.demo.plan import FULL, QUICK, DemoPlan, StagePlan
 from modistill.demo.report import summary_row, table_markdown, write_report
+from modistill.demo.vision_reader import pretrain_reader
 from modistill.errors import UserError
 from modistill.eval.run import evaluate
 from modistill.io import is_ours, mark, write_json_atomic
@@ -42,10 +44,11 @@ def _is_moe(model_dir: Path) -> bool:
 
 
 class Demo:
-    def __init__(self, out: str | Path, plan: DemoPlan, seed: int = 0, progress: bool = True):
+    def __init__(self, out: str | Path, plan: DemoPlan, seed: int = 0, progress: bool = True, world_seed: int = 0):
         self.out = Path(out)
         self.plan = plan
         self.seed = seed
+        self.world_seed = world_seed
         self.progress = progress
         self.timings: dict[str, float] = {}
         # What an earlier run of this directory timed: a resumed run's report keeps the skipped parts' times.
@@ -107,14 +110,16 @@ class Demo:
             return run(stage_cfg)
         return self._timed(name, run, stage_cfg)
 
-    def evaluate(self, name: str, model_dir: Path) -> dict:
-        out = self.out / "eval" / f"{name.replace('/', '_')}.json"
+    def evaluate(self, name: str, model_dir: Path, split: str = "eval") -> dict:
+        """Evaluate on the held-out test scenes (`split="eval"`) or on validation scenes ("val"), the
+        only ones any tuning may look at."""
+        out = self.out / ("eval" if split == "eval" else f"eval-{split}") / f"{name.replace('/', '_')}.json"
         if out.is_file():
             return json.loads(out.read_text())
-        self._say(f"evaluate {name}")
-        files = {k: self.world / "eval" / f"{k}.jsonl" for k in ("vqa", "pope", "captions")}
+        self._say(f"evaluate {name}" + ("" if split == "eval" else f" on {split}"))
+        files = {k: self.world / split / f"{k}.jsonl" for k in ("vqa", "pope", "captions")}
         return self._timed(
-            f"eval {name}",
+            f"eval {name}" + ("" if split == "eval" else f" ({split})"),
             evaluate,
             model_dir,
             files,
@@ -131,7 +136,7 @@ class Demo:
         if (self.world / "world.json").is_file():
             return
         self._say("generate the scenes world")
-        cfg = WorldConfig(caption_noise=self.plan.caption_noise, seed=self.seed)
+        cfg = WorldConfig(caption_noise=self.plan.caption_noise, seed=self.world_seed)
         self._timed(
             "world",
             build_world,
@@ -139,23 +144,26 @@ class Demo:
             cfg,
             n_train=self.plan.n_train,
             n_test=self.plan.n_test,
-            seed=self.seed,
+            seed=self.world_seed,
             overwrite=True,
             progress=self.progress,
         )
 
+    def vision_reader(self) -> Path:
+        """The shared, pretrained vision tower (the demo's stand-in for CLIP)."""
+        out = self.out / "vision"
+        if not (out / "metrics.json").is_file():
+            self._say("pretrain the vision tower as a scene-graph reader")
+            metrics = self._timed(
+                "vision", pretrain_reader, self.world, out, self.plan.reader, seed=self.seed, progress=self.progress
+            )
+            print(json.dumps(metrics))
+        return out
+
     def teacher(self) -> Path:
         p = self.plan
         build = {
-            "vision": {
-                "type": "siglip",
-                "hidden_size": p.vision_hidden,
-                "num_layers": p.vision_layers,
-                "num_heads": 4,
-                "intermediate_size": 2 * p.vision_hidden,
-                "image_size": 48,
-                "patch_size": 16,
-            },
+            "vision": {"pretrained": str(self.vision_reader())},
             "text": {
                 "type": "qwen3",
                 "hidden_size": p.teacher_hidden,
@@ -179,7 +187,7 @@ class Demo:
                 "train": self._train_args(p.teacher_align),
             },
         )
-        # The tower starts random, so the teacher then trains everything (vision included).
+        # Then the LLaVA-1.5 recipe: the pretrained tower stays frozen, projector and LLM learn.
         self.run_stage(
             self.out / "teacher",
             {
@@ -187,7 +195,7 @@ class Demo:
                 "output_dir": str(self.out / "teacher"),
                 "student": {"path": str(self.out / "teacher-stage0")},
                 "data": self._data(train),
-                "trainable": ["vision", "projector", "llm"],
+                "trainable": ["projector", "llm"],
                 "train": self._train_args(p.teacher_sft),
             },
         )
@@ -287,6 +295,7 @@ class Demo:
             out_file,
             n_images=p.pref_images,
             samples=p.pref_samples,
+            short_answers=p.pref_short,
             seed=self.seed,
             progress=self.progress,
         )
@@ -348,10 +357,12 @@ class Demo:
             {
                 "title": "modistill demo: LLaVA-MoD on the scenes world",
                 "notes": [
-                    f"seed {self.seed}; plan {json.dumps(to_dict(self.plan))}",
+                    f"seed {self.seed}, world seed {self.world_seed}; plan {json.dumps(to_dict(self.plan))}",
                     f"caption noise {self.plan.caption_noise}: that share of training captions names an object "
                     "that is not in the image (web-caption noise); hallucination is measured by an oracle "
                     "that knows each test image's scene graph",
+                    "vision tower: SigLIP pretrained as a reader of the training scene graphs, frozen and "
+                    "shared by teacher and student (the demo's stand-in for CLIP)",
                     "student = smaller Qwen3 on the teacher's frozen vision tower, trained on "
                     f"{self.plan.student_samples} of the teacher's {self.plan.n_train} training samples",
                 ],
@@ -366,12 +377,17 @@ class Demo:
 
 
 def run_demo(
-    out: str | Path = "runs/demo", seed: int = 0, quick: bool = False, fresh: bool = False, progress: bool = True
+    out: str | Path = "runs/demo",
+    seed: int = 0,
+    quick: bool = False,
+    fresh: bool = False,
+    progress: bool = True,
+    world_seed: int = 0,
 ) -> dict:
     out = Path(out)
     marker = out / "demo.json"
     plan = QUICK if quick else FULL
-    settings = {"seed": seed, "quick": quick, "plan": to_dict(plan)}
+    settings = {"seed": seed, "world_seed": world_seed, "quick": quick, "plan": to_dict(plan)}
     ours = (
         out.is_dir()
         and is_ours(out, legacy=("demo.json",), kind="demo")
@@ -386,9 +402,10 @@ def run_demo(
             raise UserError(f"{out}: exists and is not a demo directory; choose another --out")
         if json.loads(marker.read_text()) != settings:
             raise UserError(
-                f"{out}: holds a demo run with other settings (seed/--quick); pass --fresh or another --out"
+                f"{out}: holds a demo run with other settings (seed/--world-seed/--quick/plan); pass --fresh or "
+                "another --out"
             )
     out.mkdir(parents=True, exist_ok=True)
     mark(out, "demo")
     write_json_atomic(marker, settings)
-    return Demo(out, plan, seed, progress).run()
+    return Demo(out, plan, seed, progress, world_seed=world_seed).run()

@@ -1,13 +1,15 @@
 """What the demo runs: world size, model sizes, steps and learning rates per stage.
 
 Budgets are in optimizer steps, not seconds, so a run's numbers do not depend on how busy the
-machine is; the sizes were chosen so that the full demo fits in ~10 minutes and `--quick` in ~2
-on 2 CPU cores (see the README for measured times).
+machine is; the sizes were chosen so that the full demo fits in ~9 minutes and `--quick` in ~1.5
+on 2 CPU cores (see the README for measured times). Calibration notes: docs/demo.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+
+from modistill.demo.vision_reader import ReaderPlan
 
 
 @dataclass
@@ -25,27 +27,29 @@ class DemoPlan:
     n_train: int = 10000
     n_test: int = 200
     caption_noise: float = 0.2
-    # Teacher: SigLIP tower + Qwen3 LLM, trained from scratch (stage 0, then everything). Qwen3
-    # h192 x 3 rather than h256 x 4: ~1.8x the samples/s, and in ~5 min it became the better teacher
-    # (VQA 0.61 vs 0.43, POPE F1 0.81 vs 0.00 on held-out scenes; one seed).
-    vision_hidden: int = 128
-    vision_layers: int = 3
+    # The shared vision tower: SigLIP pretrained as a reader of the training scene graphs (the demo's CLIP).
+    reader: ReaderPlan = field(default_factory=ReaderPlan)
+    # Teacher: that tower (frozen) + Qwen3 h192 x 3, LLaVA-1.5 style: stage 0, then projector + LLM.
+    # 4 layers were not better in one calibration run (and cost 1.3x); 1500 -> 2000 steps helped.
     teacher_hidden: int = 192
     teacher_layers: int = 3
     teacher_align: StagePlan = field(default_factory=lambda: StagePlan(30, 1e-3))
-    teacher_sft: StagePlan = field(default_factory=lambda: StagePlan(2200, 1e-3))
-    # Student: a smaller Qwen3 on the teacher's frozen tower; it sees fewer samples than the teacher.
-    student_hidden: int = 128
-    student_layers: int = 2
-    student_samples: int = 3000
+    teacher_sft: StagePlan = field(default_factory=lambda: StagePlan(2000, 1e-3))
+    # Student: a narrower Qwen3 on the teacher's frozen tower; it sees half the teacher's samples. Depth
+    # matters more than width here: h128 x 2 stayed at chance on existence questions (POPE F1 0.49),
+    # h96 x 3 with 5000 samples reached 0.88 in stage 1a.
+    student_hidden: int = 96
+    student_layers: int = 3
+    student_samples: int = 5000
     student_align: StagePlan = field(default_factory=lambda: StagePlan(40, 1e-3))
-    stage1a: StagePlan = field(default_factory=lambda: StagePlan(400, 1e-3))
+    stage1a: StagePlan = field(default_factory=lambda: StagePlan(800, 1e-3))
     stage1b: StagePlan = field(default_factory=lambda: StagePlan(400, 5e-4))
     num_experts: int = 4
     top_k: int = 2
     # Preference distillation on pairs sampled from the 1b student and labelled by the oracle.
     pref_images: int = 400
     pref_samples: int = 4
+    pref_short: int = 300  # existence-question pairs on other training images (short answers)
     # ~2 passes over the pairs. At 5e-5 the reward margin never turned positive (reward accuracy
     # 0.25-0.44); 1e-4 / 3e-4 / 1e-3 for 100 steps gave sampled hallucination 0.667 / 0.652 / 0.667
     # (1b student: 0.82) with VQA 0.46 / 0.45 / 0.435: 2e-4 sits in the flat part (in early calibration,
@@ -64,14 +68,16 @@ QUICK = replace(
     FULL,
     n_train=2000,
     n_test=60,
+    reader=ReaderPlan(steps=60, validation=200),
     teacher_align=StagePlan(5, 1e-3),
     teacher_sft=StagePlan(150, 1e-3),
     student_samples=800,
     student_align=StagePlan(5, 1e-3),
-    stage1a=StagePlan(30, 1e-3),
+    stage1a=StagePlan(40, 1e-3),
     stage1b=StagePlan(30, 5e-4),
     pref_images=40,
     pref_samples=2,
+    pref_short=20,
     stage2=StagePlan(6, 2e-4),
     eval_limit=60,
     caption_samples=1,

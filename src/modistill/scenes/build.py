@@ -9,6 +9,8 @@ Layout of `out_dir`:
   eval/pope.jsonl         {"question_id","image","text","label","split","object"}
   eval/captions.jsonl     {"question_id","image","text","scene"}
   eval/scenes.jsonl       {"image","scene"} for every test image (the oracle's sidecar)
+  val/{vqa,pope,captions,scenes}.jsonl   the same on validation images (images/val_*): scenes of the
+                          training bucket that train.json does not hold, for tuning without test scenes
   tokenizer/              save_pretrained of the trained tokenizer
   world.json              config, vocabulary, world structure, statistics, counts
 The directory is built next to `out_dir` under a temporary name and renamed at the end, so a
@@ -59,6 +61,32 @@ def _render_all(scenes: list[Scene], split: str, cfg: WorldConfig, seed: int, ro
     return paths
 
 
+def _write_eval_sets(
+    out: Path, scenes: list[Scene], images: list[str], world: World, stats: KindStats, rng: random.Random
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    vqa: list[dict[str, Any]] = []
+    pope: list[dict[str, Any]] = []
+    captions: list[dict[str, Any]] = []
+    for i, (scene, image) in enumerate(zip(scenes, images)):
+        for row in vqa_questions(scene, world, rng, i):
+            vqa.append({"question_id": f"vqa-{len(vqa):06d}", "image": image, **row})
+        for row in pope_questions(scene, world, stats, rng):
+            pope.append({"question_id": f"pope-{len(pope):06d}", "image": image, **row})
+        captions.append(
+            {
+                "question_id": f"cap-{i:06d}",
+                "image": image,
+                "text": CAPTION_PROMPTS[world.cfg.eval_caption_style],
+                "scene": scene.to_json(),
+            }
+        )
+    _write_jsonl(out / "vqa.jsonl", vqa)
+    _write_jsonl(out / "pope.jsonl", pope)
+    _write_jsonl(out / "captions.jsonl", captions)
+    _write_jsonl(out / "scenes.jsonl", [{"image": im, "scene": s.to_json()} for s, im in zip(scenes, images)])
+    return vqa, pope, captions
+
+
 def build_world(
     out_dir: str | Path,
     cfg: WorldConfig,
@@ -92,14 +120,21 @@ def _build_into(
     t0 = time.perf_counter()
     (root / "images").mkdir(parents=True)
     (root / "eval").mkdir()
+    (root / "val").mkdir()
     world = World(cfg)
     test_scenes = world.sample_split(n_test, "test", random.Random(f"{seed}-test-scenes"))
     train_scenes = world.sample_split(n_train, "train", random.Random(f"{seed}-train-scenes"))
+    # Validation: more training-bucket scene graphs, none of them in train.json.
+    seen = {s.canonical() for s in train_scenes}
+    val_rng = random.Random(f"{seed}-val-scenes")
+    val_scenes = [s for s in world.sample_split(3 * n_test, "train", val_rng) if s.canonical() not in seen][:n_test]
     t_sample = time.perf_counter()
 
-    with tqdm(total=n_train + n_test, desc="rendering scenes", unit="img", disable=not progress) as bar:
+    total = n_train + n_test + len(val_scenes)
+    with tqdm(total=total, desc="rendering scenes", unit="img", disable=not progress) as bar:
         train_images = _render_all(train_scenes, "train", cfg, seed, root, bar)
         test_images = _render_all(test_scenes, "test", cfg, seed, root, bar)
+        val_images = _render_all(val_scenes, "val", cfg, seed, root, bar)
     t_render = time.perf_counter()
 
     # Training conversations (with caption noise) and their scene sidecar.
@@ -114,31 +149,14 @@ def _build_into(
         root / "train_scenes.jsonl", [{"image": im, "scene": s.to_json()} for s, im in zip(train_scenes, train_images)]
     )
 
-    # Eval sets on test images. POPE's popular / adversarial negatives use training statistics.
+    # Eval sets on test images (and the same on validation images). POPE's popular / adversarial
+    # negatives use training statistics.
     stats = KindStats.from_scenes(train_scenes)
-    rng = random.Random(f"{seed}-eval-text")
-    vqa: list[dict[str, Any]] = []
-    pope: list[dict[str, Any]] = []
-    captions: list[dict[str, Any]] = []
-    for i, (scene, image) in enumerate(zip(test_scenes, test_images)):
-        for row in vqa_questions(scene, world, rng, i):
-            vqa.append({"question_id": f"vqa-{len(vqa):06d}", "image": image, **row})
-        for row in pope_questions(scene, world, stats, rng):
-            pope.append({"question_id": f"pope-{len(pope):06d}", "image": image, **row})
-        captions.append(
-            {
-                "question_id": f"cap-{i:06d}",
-                "image": image,
-                "text": CAPTION_PROMPTS[cfg.eval_caption_style],
-                "scene": scene.to_json(),
-            }
-        )
-    _write_jsonl(root / "eval" / "vqa.jsonl", vqa)
-    _write_jsonl(root / "eval" / "pope.jsonl", pope)
-    _write_jsonl(root / "eval" / "captions.jsonl", captions)
-    _write_jsonl(
-        root / "eval" / "scenes.jsonl", [{"image": im, "scene": s.to_json()} for s, im in zip(test_scenes, test_images)]
+    counts_eval = _write_eval_sets(
+        root / "eval", test_scenes, test_images, world, stats, random.Random(f"{seed}-eval-text")
     )
+    _write_eval_sets(root / "val", val_scenes, val_images, world, stats, random.Random(f"{seed}-val-text"))
+    vqa, pope, captions = counts_eval
 
     # Preference pairs: ground truth (chosen) vs one hallucinated mention (rejected).
     rng = random.Random(f"{seed}-prefs")

@@ -159,12 +159,18 @@ def _exists_question(scene: Scene, world: World, rng: random.Random, target: str
     absent = [k for k in world.kinds if k not in present]
     if not absent:
         return pope_question(rng.choice(sorted(present))), "yes"
-    # Negatives mix hard (co-occurring partner), popular and uniform choices, like POPE's splits.
+    # Negatives mix hard (co-occurring partner), popular and uniform choices, like POPE's splits, and
+    # near misses: an absent kind that shares its colour or its shape with a present object. Without
+    # them a model passes most training negatives by the colour alone (a measured shortcut: the first
+    # competent teacher answered "yes" to 22 of 23 test negatives whose colour was in the image).
     partners = sorted({world.partner[k] for k in present if k in world.partner} & set(absent))
+    near = [k for k in absent if any(k[0] == c or k[1] == s for c, s in present)]
     mode = rng.random()
-    if partners and mode < 1 / 3:
+    if partners and mode < 0.25:
         kind = rng.choice(partners)
-    elif mode < 2 / 3:
+    elif near and mode < 0.5:
+        kind = rng.choice(near)
+    elif mode < 0.75:
         kind = rng.choices(absent, [world.popularity[k] for k in absent])[0]
     else:
         kind = rng.choice(absent)
