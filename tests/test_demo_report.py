@@ -176,3 +176,18 @@ def test_onpolicy_ablation_summary_pairs_each_lambda_with_lambda_zero():
     assert rows[0.5]["diff_mean"] == pytest.approx(0.05) and rows[0.5]["better"]
     assert rows[1.0]["diff_mean"] == pytest.approx(0.0) and not rows[1.0]["better"]
     assert rows[0.0]["diff_mean"] == 0 and not rows[0.0]["better"]
+
+
+def test_report_checks_the_targets_on_its_seed(tmp_path):
+    rows = [
+        summary_row("teacher", _results(0.9, 0.92, 0.10, 0.30, n=200), {"parameters": {"activated": 2e6}}),
+        summary_row("student/stage1b", _results(0.88, 0.9, 0.12, 0.35, n=200), {"parameters": {"activated": 1e6}}),
+        summary_row("student/stage2", _results(0.88, 0.9, 0.12, 0.15, n=200), {"parameters": {"activated": 1e6}}),
+    ]
+    paths = write_report(tmp_path, {"title": "t", "rows": rows, "stages": {}, "timings": {}})
+    targets = {t["target"]: t["holds"] for t in json.loads(paths["results"].read_text())["targets"]}
+    # T=1: 0.15 vs 0.30 over 200 images is beyond 2 s.e.; greedy 0.12 vs 0.10 is not below at all.
+    assert targets["student hallucination (T=1) below the teacher's by > 2 s.e."]
+    assert not targets["student hallucination (greedy) below the teacher's by > 2 s.e."]
+    md = paths["markdown"].read_text()
+    assert "student hallucination (greedy) below the teacher's by > 2 s.e. | Δ +0.020" in md and "**no**" in md

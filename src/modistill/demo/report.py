@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from modistill.demo import plots
+from modistill.demo.seeds import STUDENT, check_targets
 from modistill.io import write_json_atomic, write_text_atomic
 
 COLUMNS = [
@@ -185,7 +186,14 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
         "bars": plots.metric_bars(rows, figures / "metrics.png"),
         "scatter": plots.hallucination_vs_accuracy(rows, figures / "hallucination_vs_accuracy.png"),
     }
-    results = {**results, "findings": findings(rows), "stages": {k: str(v) for k, v in results["stages"].items()}}
+    by_model = {r["model"]: r for r in rows}
+    targets = check_targets([by_model]) if {"teacher", STUDENT, "student/stage1b"} <= set(by_model) else []
+    results = {
+        **results,
+        "findings": findings(rows),
+        "targets": targets,
+        "stages": {k: str(v) for k, v in results["stages"].items()},
+    }
     write_json_atomic(out_dir / "results.json", results)
     write_text_atomic(out_dir / "report.md", _markdown(results, made))
     write_text_atomic(out_dir / "report.html", _html(results, made))
@@ -210,6 +218,19 @@ def _markdown(results: dict, figures: dict[str, Path | None]) -> str:
         "",
     ]
     lines += ["## Findings", ""] + [f"- {f}" for f in results["findings"]] + [""]
+    if results.get("targets"):
+        lines += [
+            "## The demo's targets, on this one seed",
+            "",
+            "One seed decides nothing: `modistill demo --seeds 3` checks these over seeds.",
+            "",
+            "| target | measured | holds |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {c['target']} | {c['measured']} | {'yes' if c['holds'] else '**no**'} |" for c in results["targets"]
+        ]
+        lines.append("")
     lines += ["## Figures", ""]
     for key, title in (
         ("bars", "Accuracy and hallucination per model"),
