@@ -20,8 +20,8 @@ from pathlib import Path
 from modistill.errors import UserError
 from modistill.eval.generate import generate_answers
 from modistill.io import write_json_atomic
-from modistill.scenes.oracle import label_preference_pairs, score_caption
-from modistill.scenes.text import CAPTION_PROMPTS, make_question
+from modistill.scenes.oracle import answer_matches, label_preference_pairs, score_caption
+from modistill.scenes.text import CAPTION_PROMPTS, exists_question
 from modistill.scenes.world import Scene, World, WorldConfig
 
 
@@ -138,9 +138,7 @@ def existence_pairs(
 ) -> tuple[list[dict], int]:
     """One existence question per image (yes/no alternating, near misses among the negatives):
     the true answer chosen, the other rejected. Returns the pairs and how many the model got wrong."""
-    questions = [
-        make_question(scene, "exists", world, rng, target=("yes", "no")[i % 2]) for i, (_, scene) in enumerate(rows)
-    ]
+    questions = [exists_question(scene, world, rng, target=("yes", "no")[i % 2]) for i, (_, scene) in enumerate(rows)]
     items = [{"image": str(world_dir / image), "text": q} for (image, _), (q, _) in zip(rows, questions)]
     answers = (
         generate_answers(
@@ -157,7 +155,7 @@ def existence_pairs(
     )
     pairs, wrong = [], 0
     for k, ((image, _), (question, truth), answer) in enumerate(zip(rows, questions, answers)):
-        wrong += answer.strip().lower().rstrip(".") != truth
+        wrong += not answer_matches(answer, truth, "exists")
         other = "no" if truth == "yes" else "yes"
         pairs.append({"id": f"short-{k}", "image": image, "question": question, "chosen": truth, "rejected": other})
     return pairs, wrong

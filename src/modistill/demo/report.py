@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from modistill.demo import plots
-from modistill.demo.seeds import STUDENT, check_targets
+from modistill.demo.seeds import SAMPLE_SIZE, STUDENT, check_targets
 from modistill.io import write_json_atomic, write_text_atomic
 
 COLUMNS = [
@@ -91,20 +91,13 @@ def _delta(before: dict, after: dict, key: str) -> float | None:
 # A change in a metric with no noise estimate (F1, coverage) counts only above this.
 NO_ESTIMATE_THRESHOLD = 0.05
 
-# Which sample size goes with which rate (None: not a proportion, no noise estimate).
-_SAMPLE_SIZE = {
-    "vqa_accuracy": "vqa_n",
-    "caption_hallucination_sampled": "caption_sampled_n",
-    "caption_hallucination_greedy": "caption_greedy_n",
-}
-
 
 def beyond_noise(before: dict, after: dict, key: str) -> bool | None:
     """Whether the change in a rate exceeds two standard errors of a difference of proportions.
 
     None when the sample sizes are unknown (the change is then reported without a verdict on noise).
     """
-    n_key = _SAMPLE_SIZE.get(key)
+    n_key = SAMPLE_SIZE.get(key)
     d = _delta(before, after, key)
     if d is None or n_key is None or not before.get(n_key) or not after.get(n_key):
         return None

@@ -27,6 +27,7 @@ SHOWN = [
     ("caption_coverage", "coverage"),
     ("params_activated_m", "activated params (M)"),
 ]
+# Which sample size goes with which rate (absent: not a proportion, no binomial noise estimate).
 SAMPLE_SIZE = {
     "vqa_accuracy": "vqa_n",
     "caption_hallucination_greedy": "caption_greedy_n",

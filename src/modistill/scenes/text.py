@@ -140,7 +140,7 @@ def _ref(obj: SceneObject, scene: Scene, with_size: bool = True) -> str | None:
     return None
 
 
-def _exists_question(scene: Scene, world: World, rng: random.Random, target: str | None) -> tuple[str, str]:
+def exists_question(scene: Scene, world: World, rng: random.Random, target: str | None) -> tuple[str, str]:
     target = target or rng.choice(("yes", "no"))
     present = scene.kinds()
     form = rng.choices(("kind", "colour", "shape"), (0.7, 0.15, 0.15))[0]
@@ -212,7 +212,7 @@ def make_question(
     `target` ("yes"/"no") asks for that answer in yes/no types when possible."""
     objs = list(scene.objects)
     if qtype == "exists":
-        return _exists_question(scene, world, rng, target)
+        return exists_question(scene, world, rng, target)
     if qtype == "compare":
         return _compare_question(scene, rng, target)
     if qtype == "count":
