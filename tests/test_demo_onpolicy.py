@@ -12,6 +12,18 @@ from modistill.models.load import load_model
 from modistill.scenes.oracle import score_caption
 
 
+def _load_pairs(out, scenes_world, loaded, tmp_path):
+    """The pairs as stage 2 reads them: every pair must survive loading."""
+    return load_preferences(
+        [out],
+        image_root=scenes_world,
+        processor=loaded.processor,
+        max_length=160,
+        cache_dir=tmp_path / "dc",
+        verbose=False,
+    )
+
+
 @pytest.mark.slow
 def test_pairs_are_oracle_labelled_and_load_as_preference_data(tmp_path, scenes_world, teacher_dir):
     loaded = load_model(teacher_dir)  # a random model: its samples are garbage, so fallbacks are exercised
@@ -29,14 +41,7 @@ def test_pairs_are_oracle_labelled_and_load_as_preference_data(tmp_path, scenes_
         chosen, rejected = score_caption(pair["chosen"], scene), score_caption(pair["rejected"], scene)
         assert chosen.faithful and chosen.parseable  # the oracle's verdicts, checked independently here
         assert rejected.hallucinated or not rejected.parseable
-    data = load_preferences(
-        [out],
-        image_root=scenes_world,
-        processor=loaded.processor,
-        max_length=160,
-        cache_dir=tmp_path / "dc",
-        verbose=False,
-    )
+    data = _load_pairs(out, scenes_world, loaded, tmp_path)
     assert len(data) == len(pairs)
     # Same seed, same pairs.
     build_onpolicy_pairs(
@@ -85,12 +90,5 @@ def test_short_answer_pairs_choose_the_true_existence_answer(tmp_path, scenes_wo
         assert {pair["chosen"], pair["rejected"]} == {"yes", "no"}
         answers.append(pair["chosen"])
     assert answers.count("yes") == answers.count("no")  # targets alternate
-    data = load_preferences(
-        [out],
-        image_root=scenes_world,
-        processor=loaded.processor,
-        max_length=160,
-        cache_dir=tmp_path / "dc",
-        verbose=False,
-    )
+    data = _load_pairs(out, scenes_world, loaded, tmp_path)
     assert len(data) == len(json.loads(out.read_text()))
