@@ -40,14 +40,22 @@ from modistill.models.chat import IMAGE_TOKEN
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 MESSAGES = List({"role": Value("string"), "content": Value("string")})
+# `length`: the sample's rendered tokens (the longer of student and teacher), the column that
+# `train.train_sampling_strategy: group_by_length` reads, so batches of like length pad less.
 CONVERSATION_FEATURES = Features(
-    {"id": Value("string"), "source": Value("string"), "images": List(Value("string")), "messages": MESSAGES}
+    {
+        "id": Value("string"),
+        "source": Value("string"),
+        "images": List(Value("string")),
+        "messages": MESSAGES,
+        "length": Value("int32"),
+    }
 )
 
 
 @dataclass
 class ConversationData:
-    dataset: Dataset  # rows {"id", "source", "images", "messages"}
+    dataset: Dataset  # rows {"id", "source", "images", "messages", "length"}
     stats: DataStats
     renderer: Renderer
     teacher_renderer: Renderer | None = None
@@ -184,7 +192,7 @@ def conversation_handler(
             teacher_seqs = [teacher.render_conversation(row)]
             same_response(student, teacher_seqs[0])
         stats.add_sample(len(row["images"]), [student], teacher_seqs)
-        return row
+        return {**row, "length": max(len(seq.input_ids) for seq in [student, *teacher_seqs])}
 
     return lambda rec: locate_template_errors(rec, handle)
 

@@ -96,6 +96,9 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     report_to: list[str] = field(default_factory=lambda: ["none"])
     disable_tqdm: bool = False
+    # "group_by_length" batches samples of like length (less padding; conversations carry a length
+    # column). On CPU a step's cost follows its padded tokens.
+    train_sampling_strategy: str = "random"
     ddp_find_unused_parameters: bool | None = None
     # Train on the CPU even if a GPU is there. Needed for CPU data parallelism (`torchrun
     # --nproc_per_node N` on a machine without GPUs): without it each process trains alone.
