@@ -6,7 +6,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoProcessor
+from datasets import Dataset
+from transformers import AutoProcessor, Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from helpers import red_image
 from modistill.data import validate
@@ -28,6 +30,9 @@ from modistill.data.validate import (
 from modistill.errors import UserError
 from modistill.models.build import build_vlm
 from modistill.models.tiny import tiny_spec
+from modistill.runtime.arguments import training_arguments
+from modistill.runtime.config import TrainArgs
+from modistill.runtime.trainer import StageTrainer
 
 
 @pytest.fixture(scope="module")
@@ -281,12 +286,6 @@ def test_length_column_is_the_rendered_length_and_drives_group_by_length(root, p
     rendered = [len(data.renderer.render_conversation(data.dataset[i]).input_ids) for i in range(len(data))]
     assert data.dataset["length"] == rendered
 
-    from transformers import Trainer
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    from modistill.runtime.arguments import training_arguments
-    from modistill.runtime.config import TrainArgs
-
     def padded_tokens(strategy):
         args = training_arguments(
             tmp_path / strategy, TrainArgs(per_device_train_batch_size=8, train_sampling_strategy=strategy)
@@ -302,6 +301,14 @@ def test_length_column_is_the_rendered_length_and_drives_group_by_length(root, p
     _, random_tokens = padded_tokens("random")
     # The sampler sorts within mega-batches of 64 here (256 samples / (8 x 4)): far less padding.
     assert grouped_tokens < 0.8 * random_tokens
+
+
+def test_group_by_length_without_a_length_column_is_a_one_line_error(tmp_path):
+    pairs = Dataset.from_dict({"id": ["p0"], "prompt": ["q"], "chosen": ["a"], "rejected": ["b"]})
+    args = training_arguments(tmp_path, TrainArgs(train_sampling_strategy="group_by_length"))
+    trainer = StageTrainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=pairs)
+    with pytest.raises(UserError, match="group_by_length needs a 'length' column.*use random"):
+        trainer._get_train_sampler()
 
 
 # ---------------------------------------------------------------- preferences

@@ -72,6 +72,11 @@ def test_a_pickled_checkpoint_is_refused_with_the_fix(tmp_path, tiny_vlm_dir, ca
         ("train.per_device_train_batch_size=0", "train: per_device_train_batch_size: 0: must be >= 1"),
         ("train.max_steps=0", "train: max_steps: 0: give a positive number of steps, or -1 (use num_train_epochs)"),
         ("data.max_length=0", "data: max_length: 0: must be >= 1"),
+        (
+            "train.train_sampling_strategy=by_length",
+            "train: train_sampling_strategy: 'by_length': choose one of random, sequential, group_by_length, "
+            "batch_rebalance",
+        ),
     ],
 )
 def test_bad_numbers_are_refused_at_config_time(tmp_path, capsys, override, message):

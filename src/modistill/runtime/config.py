@@ -73,6 +73,10 @@ class DataConfig:
             _at_least(self, 1, "max_samples")
 
 
+# TrainingArguments' samplers. The two length-aware ones read the dataset's `length` column.
+SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length", "batch_rebalance")
+
+
 @dataclass
 class TrainArgs:
     """Mirrors the `transformers.TrainingArguments` fields a stage uses (same names and meaning)."""
@@ -121,3 +125,8 @@ class TrainArgs:
             )
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             raise ValueError(f"num_train_epochs: {self.num_train_epochs}: must be > 0 (or set max_steps)")
+        if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
+            raise ValueError(
+                f"train_sampling_strategy: {self.train_sampling_strategy!r}: "
+                f"choose one of {', '.join(SAMPLING_STRATEGIES)}"
+            )

@@ -34,6 +34,19 @@ class StageTrainer(GuardMixin, CpuFsdpMixin):
         self._tokens_since_log = 0
         self._time_of_last_log = time.perf_counter()
 
+    def _get_train_sampler(self, train_dataset=None):
+        # Without a `length` column transformers would look for `input_ids` in our raw rows and fail
+        # with a traceback; preference pairs (stage 2) have no such column.
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        strategy = self.args.train_sampling_strategy
+        columns = getattr(dataset, "column_names", None) or []
+        if strategy in ("group_by_length", "batch_rebalance") and self.args.length_column_name not in columns:
+            raise UserError(
+                f"train.train_sampling_strategy: {strategy} needs a {self.args.length_column_name!r} column, "
+                f"which this stage's data has not (conversation data has it; preference pairs do not): use random"
+            )
+        return super()._get_train_sampler(train_dataset)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Resume from checkpoints through `from_pretrained`, which knows the checkpoint key mapping.
 
