@@ -420,7 +420,7 @@ def scan_files(
 
 
 # Bump when what a cached dataset holds (row layout, checks) changes.
-CACHE_FORMAT = 2  # 2: images confined to the root, regular files, pixel bound; problems name the image
+CACHE_FORMAT = 3  # 2: images confined to the root, regular files, pixel bound; problems name the image; 3: length
 
 
 class _NoSample(Exception):

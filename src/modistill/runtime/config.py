@@ -73,8 +73,9 @@ class DataConfig:
             _at_least(self, 1, "max_samples")
 
 
-# TrainingArguments' samplers. The two length-aware ones read the dataset's `length` column.
-SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length", "batch_rebalance")
+# TrainingArguments' samplers. The length-aware ones read the dataset's `length` column.
+LENGTH_SAMPLERS = ("group_by_length", "batch_rebalance")
+SAMPLING_STRATEGIES = ("random", "sequential", *LENGTH_SAMPLERS)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedModel
 
 from modistill.errors import UserError
+from modistill.runtime.config import LENGTH_SAMPLERS
 from modistill.runtime.fsdp import CpuFsdpMixin
 from modistill.runtime.guards import GuardMixin, check_finite
 from modistill.runtime.inputs import ResponseStates, model_inputs, response_states
@@ -40,7 +41,7 @@ class StageTrainer(GuardMixin, CpuFsdpMixin):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         strategy = self.args.train_sampling_strategy
         columns = getattr(dataset, "column_names", None) or []
-        if strategy in ("group_by_length", "batch_rebalance") and self.args.length_column_name not in columns:
+        if strategy in LENGTH_SAMPLERS and self.args.length_column_name not in columns:
             raise UserError(
                 f"train.train_sampling_strategy: {strategy} needs a {self.args.length_column_name!r} column, "
                 f"which this stage's data has not (conversation data has it; preference pairs do not): use random"
