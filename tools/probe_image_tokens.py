@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from modistill.data.images import open_rgb
+
 
 @torch.no_grad()
 def image_token_states(model_dir: Path, images: list[Image.Image]) -> dict[str, torch.Tensor]:
@@ -65,7 +67,7 @@ def main() -> None:
     rows = [json.loads(line) for line in (args.run / "world" / "train_scenes.jsonl").open()][: args.images]
     grid = rows[0]["scene"]["grid"]
     cells = grid * grid
-    images = [Image.open(args.run / "world" / r["image"]).convert("RGB") for r in rows]
+    images = [open_rgb(args.run / "world" / r["image"]) for r in rows]
     states = image_token_states(args.run / args.model, images)
 
     occupied = torch.zeros(len(rows), cells, dtype=torch.bool)
