@@ -259,6 +259,22 @@ def test_cached_load_replays_its_validation(root, proc, capsys):
     assert load(path, proc, root).dataset["id"] == ["ok", "ok2"]
 
 
+def test_cache_is_shared_by_equal_tokenizers_from_other_directories(root, proc, tmp_path):
+    """Stages load the tokenizer from their own model directory; equal content is one cache entry."""
+    path = write_jsonl(root / "c.jsonl", [conv("ok"), conv("ok2")])
+    copies = []
+    for name in ("stage_a", "stage_b"):
+        proc.save_pretrained(tmp_path / name)
+        copies.append(AutoProcessor.from_pretrained(tmp_path / name))
+    for p in copies:
+        load(path, p, root)
+    assert len(list((root / "cache" / "modistill").glob("*.json"))) == 1
+    other = AutoProcessor.from_pretrained(tmp_path / "stage_b")
+    other.tokenizer.add_tokens(["<extra>"])  # another vocabulary renders differently: its own entry
+    load(path, other, root)
+    assert len(list((root / "cache" / "modistill").glob("*.json"))) == 2
+
+
 def test_rows_are_normalised_messages(root, proc):
     path = write_jsonl(
         root / "c.jsonl",

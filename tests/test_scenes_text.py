@@ -187,3 +187,35 @@ def test_pope_balance_and_negatives():
     for split in ("random", "popular", "adversarial"):
         assert labels[(split, "yes")] == labels[(split, "no")] > 0
     assert n_partner_cases > 5
+
+
+def _colour_shared_share(cfg, n=2500):
+    """Among training "no" answers to "Is there a <colour> <shape>...?": the share whose colour is in the image."""
+    world, scenes, samples, _ = _samples(cfg, n)
+    shared = total = 0
+    for scene, sample in zip(scenes, samples):
+        colours = {o.colour for o in scene.objects}
+        for prompt, answer in _turns(sample):
+            m = re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", prompt)
+            if m and answer == "no" and m.group(1) in world.cfg.colours and m.group(2) in world.cfg.shapes:
+                total += 1
+                shared += m.group(1) in colours
+    return shared / total
+
+
+def test_colour_near_misses_raise_the_share_of_same_colour_negatives():
+    base = _colour_shared_share(WorldConfig())
+    more = _colour_shared_share(WorldConfig(train_colour_near_miss=0.6))
+    # 0.6 drawn first, the remaining 0.4 as before: expected 0.6 + 0.4 * base.
+    assert base < 0.45 and more == pytest.approx(0.6 + 0.4 * base, abs=0.05)
+    with pytest.raises(ValueError, match="train_colour_near_miss"):
+        WorldConfig(train_colour_near_miss=1.5)
+
+
+def test_colour_near_misses_leave_evaluation_questions_unchanged():
+    world_a, world_b = World(WorldConfig()), World(WorldConfig(train_colour_near_miss=0.9))
+    scenes = world_a.sample_split(200, "test", random.Random(1))
+    ra, rb = random.Random(3), random.Random(3)
+    assert [vqa_questions(s, world_a, ra, i) for i, s in enumerate(scenes)] == [
+        vqa_questions(s, world_b, rb, i) for i, s in enumerate(scenes)
+    ]

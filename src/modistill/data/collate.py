@@ -1,6 +1,10 @@
 """Collators: dataset rows -> padded tensors + pixel values, for the student and (if it differs) the teacher.
 
 Right padding with the tokenizer's pad id, labels -100 on padding, `attention_mask` 1 on tokens.
+With packing, samples are concatenated (in order) into rows of at most `max_length` tokens and
+`position_ids` restart at 0 for each sample: transformers reads that as packed sequences and keeps
+attention within each sample (`masking_utils.find_packed_sequence_indices`), so a packed batch gives
+each sample the logits it has alone, with less padding.
 `pixel_values` stacks every image of the batch in the order its image tokens appear (absent when
 the batch has no image), which is what `LlavaForConditionalGeneration` pairs with the image tokens.
 A teacher whose processor renders differently (another image size, normalisation, token count or
@@ -72,6 +76,41 @@ def pad_batch(seqs: list[RenderedSample], pad_id: int, length: int | None = None
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def pack_batch(seqs: list[RenderedSample], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / labels / position_ids [R, T]: `seqs` packed in order into R rows.
+
+    A row takes samples while they fit in `capacity` tokens (next fit, so the row-major order of the
+    response tokens is the order of `seqs`, as the KD targets and the teacher cache expect). Row tails
+    are padding whose positions continue the row's last sample: they start no sequence of their own.
+    """
+    rows: list[list[RenderedSample]] = [[]]
+    used = 0
+    for s in seqs:
+        if rows[-1] and used + len(s.input_ids) > capacity:
+            rows.append([])
+            used = 0
+        rows[-1].append(s)
+        used += len(s.input_ids)
+    length = max(sum(len(s.input_ids) for s in row) for row in rows)
+    batch = pad_batch([_concat(row) for row in rows], pad_id, length)
+    position_ids = torch.zeros_like(batch["input_ids"])
+    for r, row in enumerate(rows):
+        positions = [p for s in row for p in range(len(s.input_ids))]
+        tail = range(positions[-1] + 1, positions[-1] + 1 + length - len(positions))
+        position_ids[r] = torch.tensor(positions + list(tail), dtype=torch.long)
+    batch["position_ids"] = position_ids
+    return batch
+
+
+def _concat(row: list[RenderedSample]) -> RenderedSample:
+    return RenderedSample(
+        input_ids=[t for s in row for t in s.input_ids],
+        # A sample's first token is a prompt token (never supervised), so no label crosses samples.
+        labels=[t for s in row for t in [IGNORE_INDEX, *s.labels[1:]]],
+        images=[p for s in row for p in s.images],
+    )
+
+
 class _ImageLoader:
     """Decodes each path once per batch (a pair's images serve chosen, rejected, student and teacher)."""
 
@@ -119,14 +158,24 @@ class ConversationCollator:
 
     Keys: input_ids, attention_mask, labels [B, T] (long); pixel_values [n_images, C, H, W] if any
     image; sample_ids (list of str). With a teacher that renders differently: teacher_input_ids,
-    teacher_attention_mask, teacher_labels [B, T'] and teacher_pixel_values.
+    teacher_attention_mask, teacher_labels [B, T'] and teacher_pixel_values. With `packing`: R <= B
+    rows of at most the renderer's max_length tokens, and position_ids (teacher_position_ids) [R, T].
     """
 
-    def __init__(self, student_renderer: Renderer, teacher_renderer: Renderer | None = None) -> None:
+    def __init__(
+        self, student_renderer: Renderer, teacher_renderer: Renderer | None = None, packing: bool = False
+    ) -> None:
         self.student = student_renderer
         self.teacher = teacher_renderer
+        self.packing = packing
         if teacher_renderer is not None and same_rendering(student_renderer.processor, teacher_renderer.processor):
             self.teacher = None
+
+    def _batch(self, seqs: list[RenderedSample], renderer: Renderer) -> dict[str, torch.Tensor]:
+        pad_id = renderer.tokenizer.pad_token_id
+        if not self.packing:
+            return pad_batch(seqs, pad_id)
+        return pack_batch(seqs, pad_id, renderer.max_length or max(len(s.input_ids) for s in seqs))
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         load = _ImageLoader()
@@ -135,7 +184,7 @@ class ConversationCollator:
             if renderer is None:
                 continue
             seqs = [_render(renderer.render_conversation, row) for row in rows]
-            parts = {**pad_batch(seqs, renderer.tokenizer.pad_token_id), **_images_of(renderer, rows, load)}
+            parts = {**self._batch(seqs, renderer), **_images_of(renderer, rows, load)}
             batch.update({prefix + k: v for k, v in parts.items()})
         batch["sample_ids"] = [str(row["id"]) for row in rows]
         return batch

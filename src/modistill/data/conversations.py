@@ -65,8 +65,8 @@ class ConversationData:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def collator(self) -> ConversationCollator:
-        return ConversationCollator(self.renderer, self.teacher_renderer)
+    def collator(self, packing: bool = False) -> ConversationCollator:
+        return ConversationCollator(self.renderer, self.teacher_renderer, packing=packing)
 
 
 def to_messages(turns: Any, key: str = "conversations") -> list[dict[str, str]]:

@@ -11,6 +11,7 @@ templates (Qwen2's) lack. Each `<image>` tag then becomes the processor's own ex
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,20 @@ def image_expansion(processor: Any) -> tuple[list[int], tuple[int, ...]]:
     return ids, tuple(processed["pixel_values"].shape[1:])
 
 
+def tokenizer_identity(tokenizer: Any) -> str:
+    """A hash of what a tokenizer does, not where it was loaded from.
+
+    Each stage loads the tokenizer from its own model directory; naming it by content lets the
+    demo's teacher and student stages share one cached dataset (one validation pass of the data, not four).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()  # vocabulary, merges, added tokens, normaliser, pre-tokenizer
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 class Renderer:
     """Renders normalised samples for one processor (a `LlavaProcessor`, or a tokenizer for text-only models).
 
@@ -115,7 +130,7 @@ class Renderer:
         """What the renderings depend on (for cache fingerprints)."""
         ip = self.image_processor.to_dict() if self.image_processor is not None else None
         return {
-            "tokenizer": self.tokenizer.name_or_path,
+            "tokenizer": tokenizer_identity(self.tokenizer),
             "vocab": len(self.tokenizer),
             "template": self.tokenizer.chat_template,
             "expansion": self.image_expansion,

@@ -136,7 +136,12 @@ class Demo:
         if (self.world / "world.json").is_file():
             return
         self._say("generate the scenes world")
-        cfg = WorldConfig(caption_noise=self.plan.caption_noise, seed=self.world_seed)
+        cfg = WorldConfig(
+            caption_noise=self.plan.caption_noise,
+            multi_turn=self.plan.multi_turn,
+            train_colour_near_miss=self.plan.colour_near_miss,
+            seed=self.world_seed,
+        )
         self._timed(
             "world",
             build_world,
@@ -182,7 +187,7 @@ class Demo:
                 "stage": "align",
                 "output_dir": str(self.out / "teacher-stage0"),
                 "student": {"build": build},
-                "data": self._data(train),
+                "data": self._data(train, packing=self.plan.packing),
                 "trainable": ["projector"],
                 "train": self._train_args(p.teacher_align),
             },
@@ -194,7 +199,7 @@ class Demo:
                 "stage": "sft",
                 "output_dir": str(self.out / "teacher"),
                 "student": {"path": str(self.out / "teacher-stage0")},
-                "data": self._data(train),
+                "data": self._data(train, packing=self.plan.packing),
                 "trainable": ["projector", "llm"],
                 "train": self._train_args(p.teacher_sft),
             },
@@ -202,8 +207,9 @@ class Demo:
         return self.out / "teacher"
 
     # --- student stages, as building blocks (the ablations recombine them) ----------------------
-    def student_data(self, files: list[Path] | None = None) -> dict[str, Any]:
-        return self._data(files or [self.world / "train.json"], max_samples=self.plan.student_samples)
+    def student_data(self, files: list[Path] | None = None, packing: bool | None = None) -> dict[str, Any]:
+        packing = self.plan.packing if packing is None else packing
+        return self._data(files or [self.world / "train.json"], max_samples=self.plan.student_samples, packing=packing)
 
     def align_student(self, out_dir: Path, teacher: Path, seed: int) -> Path:
         p = self.plan
@@ -250,7 +256,8 @@ class Demo:
         cfg: dict[str, Any] = {
             "output_dir": str(out_dir),
             "student": student,
-            "data": self.student_data(),
+            # On-policy batches are built from sampled answers, not packed rows.
+            "data": self.student_data(packing=False if (loss or {}).get("onpolicy_fraction", 0) > 0 else None),
             "train": self._train_args(sp),
         }
         if kd == 0:

@@ -64,6 +64,9 @@ class DataConfig:
     max_samples: int | None = None  # use only the first N valid samples (quick runs)
     cache_dir: str | None = None  # where validated datasets are cached (default: the HF datasets cache)
     allow_outside_root: bool = False  # accept image paths resolving outside image_root (or the data file's dir)
+    # Concatenate each batch's samples into rows of up to max_length tokens, attention kept within each
+    # sample (position_ids restart per sample): the same loss with less padding. Conversation stages only.
+    packing: bool = False
 
     def __post_init__(self) -> None:
         if not self.train:

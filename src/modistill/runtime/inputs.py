@@ -29,15 +29,16 @@ class ResponseStates:
 
 
 def model_inputs(batch: dict, prefix: str = "") -> tuple[dict, torch.Tensor]:
-    """Pick the forward inputs (`input_ids`, `attention_mask`, `pixel_values`) from a batch.
+    """Pick the forward inputs (`input_ids`, `attention_mask`, `pixel_values`, `position_ids`) from a batch.
 
     With prefix "teacher_" the teacher's own rendering is used when the collator made one
     (a teacher with a different processor), else the student's.
     """
     key = (lambda name: f"{prefix}{name}") if f"{prefix}input_ids" in batch else (lambda name: name)
     inputs = {"input_ids": batch[key("input_ids")], "attention_mask": batch[key("attention_mask")]}
-    if key("pixel_values") in batch:
-        inputs["pixel_values"] = batch[key("pixel_values")]
+    for name in ("pixel_values", "position_ids"):  # position_ids: a packed batch (data.packing)
+        if key(name) in batch:
+            inputs[name] = batch[key(name)]
     return inputs, batch[key("labels")]
 
 
@@ -51,12 +52,28 @@ def to_model(model: nn.Module, inputs: dict, labels: torch.Tensor) -> tuple[dict
 
 
 def response_states(model: nn.Module, inputs: dict, labels: torch.Tensor) -> ResponseStates:
-    """Forward `model` and select the hidden states of response positions (shifted: t predicts t+1)."""
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    """Forward `model` and select the hidden states of response positions (shifted: t predicts t+1).
+
+    A packed batch (`position_ids` given) runs without its attention mask, which is how transformers
+    knows to keep attention within each packed sample; its `counts` are per sample, not per row.
+    """
+    packed = "position_ids" in inputs
+    forward = {k: v for k, v in inputs.items() if not (packed and k == "attention_mask")}
+    out = model(**forward, output_hidden_states=True, logits_to_keep=1, use_cache=False)
     hidden = out.hidden_states[-1]
     shifted_labels = labels[:, 1:]
     mask = shifted_labels != -100
-    return ResponseStates(hidden[:, :-1][mask], shifted_labels[mask], mask.sum(dim=1))
+    counts = packed_counts(inputs["position_ids"], mask) if packed else mask.sum(dim=1)
+    return ResponseStates(hidden[:, :-1][mask], shifted_labels[mask], counts)
+
+
+def packed_counts(position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Response tokens per packed sample [n_samples] (a sample starts where its position is 0).
+
+    position_ids: [R, T]; mask: [R, T-1] (the shifted response positions)."""
+    sample_of = (position_ids == 0).flatten().cumsum(0).view_as(position_ids) - 1
+    n_samples = int((position_ids == 0).sum())
+    return torch.bincount(sample_of[:, :-1][mask], minlength=n_samples)
 
 
 def output_head(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -140,7 +140,9 @@ def _ref(obj: SceneObject, scene: Scene, with_size: bool = True) -> str | None:
     return None
 
 
-def exists_question(scene: Scene, world: World, rng: random.Random, target: str | None) -> tuple[str, str]:
+def exists_question(
+    scene: Scene, world: World, rng: random.Random, target: str | None, colour_near_miss: float = 0.0
+) -> tuple[str, str]:
     target = target or rng.choice(("yes", "no"))
     present = scene.kinds()
     form = rng.choices(("kind", "colour", "shape"), (0.7, 0.15, 0.15))[0]
@@ -165,6 +167,11 @@ def exists_question(scene: Scene, world: World, rng: random.Random, target: str 
     # competent teacher answered "yes" to 22 of 23 test negatives whose colour was in the image).
     partners = sorted({world.partner[k] for k in present if k in world.partner} & set(absent))
     near = [k for k in absent if any(k[0] == c or k[1] == s for c, s in present)]
+    # Training data may ask for more absent kinds whose colour is in the image: the shortcut a small
+    # student takes is "yes iff the colour is there" (docs/demo.md). 0 draws nothing (eval sets unchanged).
+    same_colour = [k for k in absent if any(k[0] == c for c, _ in present)]
+    if colour_near_miss > 0 and same_colour and rng.random() < colour_near_miss:
+        return pope_question(rng.choice(same_colour)), "no"
     mode = rng.random()
     if partners and mode < 0.25:
         kind = rng.choice(partners)
@@ -206,13 +213,19 @@ def _compare_question(scene: Scene, rng: random.Random, target: str | None) -> t
 
 
 def make_question(
-    scene: Scene, qtype: str, world: World, rng: random.Random, target: str | None = None
+    scene: Scene,
+    qtype: str,
+    world: World,
+    rng: random.Random,
+    target: str | None = None,
+    colour_near_miss: float = 0.0,
 ) -> tuple[str, str] | None:
     """(question, exact answer) of type `qtype` about `scene`, or None when the scene allows none.
-    `target` ("yes"/"no") asks for that answer in yes/no types when possible."""
+    `target` ("yes"/"no") asks for that answer in yes/no types when possible; `colour_near_miss`:
+    the extra share of "no" existence questions about an absent kind whose colour is in the image."""
     objs = list(scene.objects)
     if qtype == "exists":
-        return exists_question(scene, world, rng, target)
+        return exists_question(scene, world, rng, target, colour_near_miss)
     if qtype == "compare":
         return _compare_question(scene, rng, target)
     if qtype == "count":
@@ -255,7 +268,7 @@ def _turn(scene: Scene, task: str, world: World, rng: random.Random, noise: dict
                 noise["noisy"] += 1
                 return CAPTION_PROMPTS[task], text
         return CAPTION_PROMPTS[task], caption(scene, task)
-    return make_question(scene, task, world, rng)
+    return make_question(scene, task, world, rng, colour_near_miss=world.cfg.train_colour_near_miss)
 
 
 def training_sample(

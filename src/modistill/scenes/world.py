@@ -106,6 +106,9 @@ class WorldConfig:
     caption_noise: float = 0.2  # fraction of training captions mentioning one absent object
     task_mix: dict[str, float] = field(default_factory=_default_task_mix)
     multi_turn: float = 0.2  # fraction of training samples with 2-3 turns
+    # Share of the training "no" existence questions first drawn from absent kinds whose colour is in
+    # the image (against a colour-only shortcut); evaluation sets never use it.
+    train_colour_near_miss: float = 0.0
     test_fraction: float = 0.1  # share of scene graphs reserved for the test split
     # Brief captions name object kinds (colour + shape), like CHAIR / Object-HalBench count object
     # categories; detailed ones would also count a wrong size or cell as a hallucinated object.
@@ -131,7 +134,7 @@ class WorldConfig:
             )
         if self.max_objects < 1:
             raise ValueError("max_objects must be at least 1")
-        for name in ("affinity_strength", "caption_noise", "multi_turn"):
+        for name in ("affinity_strength", "caption_noise", "multi_turn", "train_colour_near_miss"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 < self.test_fraction < 1.0:

@@ -84,6 +84,8 @@ class MimicDenseConfig:
                 "loss.onpolicy_fraction > 0 needs a live `teacher`: a teacher_cache only holds the "
                 "dataset's answers (set loss.onpolicy_fraction: 0 or give teacher.path)"
             )
+        if self.loss.onpolicy_fraction > 0 and self.data.packing:
+            raise ValueError("data.packing does not apply to on-policy batches: set data.packing: false")
 
 
 class MimicTrainer(StageTrainer):
@@ -202,9 +204,9 @@ class MimicTrainer(StageTrainer):
         return (loss, None) if return_outputs else loss
 
 
-def collator_and_sampler(loss: KDLoss, data, seed: int) -> tuple[object, OnPolicySampler | None]:
+def collator_and_sampler(loss: KDLoss, data, seed: int, packing: bool = False) -> tuple[object, OnPolicySampler | None]:
     """The data collator, and the on-policy sampler when loss.onpolicy_fraction > 0 (None: the paper's path)."""
-    collator = data.collator()
+    collator = data.collator(packing=packing)
     if loss.onpolicy_fraction <= 0:
         return collator, None
     rows = RowsCollator(collator)  # keeps the raw conversations: sampled answers are rendered like the data's
@@ -261,7 +263,7 @@ def distil(cfg: MimicDenseConfig, args, run_dir, student, processor, trainer_cls
     run_dir.check_samples(len(dataset))  # a resume must see the samples the run started on
 
     # 5. Train: the teacher sits on the student's device, for inference only.
-    collator, onpolicy = collator_and_sampler(cfg.loss, data, args.seed)
+    collator, onpolicy = collator_and_sampler(cfg.loss, data, args.seed, cfg.data.packing)
     trainer = trainer_cls(
         model=student,
         args=args,

@@ -77,6 +77,10 @@ class PreferenceConfig:
     train: TrainArgs = field(default_factory=TrainArgs)
     keep_checkpoints: bool = False  # keep Trainer checkpoints after the final save
 
+    def __post_init__(self) -> None:
+        if self.data.packing:
+            raise ValueError("data.packing applies to conversation stages; preference pairs are not packed")
+
 
 class PreferenceTrainer(StageTrainer):
     loss_is_scaled_for_ga = False  # a per-pair mean: the Trainer divides by the accumulation steps
