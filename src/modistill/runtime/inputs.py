@@ -71,9 +71,9 @@ def packed_counts(position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     """Response tokens per packed sample [n_samples] (a sample starts where its position is 0).
 
     position_ids: [R, T]; mask: [R, T-1] (the shifted response positions)."""
-    sample_of = (position_ids == 0).flatten().cumsum(0).view_as(position_ids) - 1
-    n_samples = int((position_ids == 0).sum())
-    return torch.bincount(sample_of[:, :-1][mask], minlength=n_samples)
+    starts = (position_ids == 0).flatten()
+    sample_of = starts.cumsum(0).view_as(position_ids) - 1
+    return torch.bincount(sample_of[:, :-1][mask], minlength=int(starts.sum()))
 
 
 def output_head(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

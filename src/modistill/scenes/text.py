@@ -169,9 +169,10 @@ def exists_question(
     near = [k for k in absent if any(k[0] == c or k[1] == s for c, s in present)]
     # Training data may ask for more absent kinds whose colour is in the image: the shortcut a small
     # student takes is "yes iff the colour is there" (docs/demo.md). 0 draws nothing (eval sets unchanged).
-    same_colour = [k for k in absent if any(k[0] == c for c, _ in present)]
-    if colour_near_miss > 0 and same_colour and rng.random() < colour_near_miss:
-        return pope_question(rng.choice(same_colour)), "no"
+    if colour_near_miss > 0:
+        same_colour = [k for k in absent if any(k[0] == c for c, _ in present)]
+        if same_colour and rng.random() < colour_near_miss:
+            return pope_question(rng.choice(same_colour)), "no"
     mode = rng.random()
     if partners and mode < 0.25:
         kind = rng.choice(partners)
