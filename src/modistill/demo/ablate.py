@@ -112,6 +112,9 @@ def _markdown(rows: list[dict], meta: dict) -> str:
         "sampled preference pairs. Mean ± std over seeds; Δ = A − B paired by seed. A claim *holds* on a metric "
         "when Δ points the better way by more than its std.",
         "",
+        # The page is rewritten whole on every run: commentary belongs elsewhere (the README, docs/onpolicy.md).
+        "*Written by the command above; a rerun replaces this whole page.*",
+        "",
     ]
     for claim, a, b in CLAIMS:
         sub = [r for r in rows if r["claim"] == claim]
