@@ -182,7 +182,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.seeds is not None:
         run_seeds(
-            args.out, args.seeds, args.world_seed, quick=args.quick, fresh=args.fresh, progress=not args.no_progress
+            args.out,
+            args.seeds,
+            args.world_seed,
+            quick=args.quick,
+            fresh=args.fresh,
+            progress=not args.no_progress,
+            train_teacher=args.train_teacher,
         )
         return 0
     run_demo(
@@ -192,6 +198,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         quick=args.quick,
         fresh=args.fresh,
         progress=not args.no_progress,
+        train_teacher=args.train_teacher,
     )
     return 0
 
@@ -214,6 +221,12 @@ def _add_demo(sub) -> None:
         "the demo's figures are tuned on world 0's training scenes, so another world tests them fresh",
     )
     p.add_argument("--quick", action="store_true", help="a ~2 minute smoke run of the chain (not a result)")
+    p.add_argument(
+        "--train-teacher",
+        action="store_true",
+        help="train the vision tower and the teacher here (8,000 steps, ~25 min on 2 cores) instead of copying "
+        "the shipped teacher; this is the command that built it (--quick always trains its small one)",
+    )
     p.add_argument("--fresh", action="store_true", help="discard a previous run in --out and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

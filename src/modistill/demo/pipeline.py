@@ -4,7 +4,8 @@
     DIR/vision/               the shared SigLIP tower, pretrained as a scene-graph reader
     DIR/configs/*.yaml        every stage's YAML (re-runnable with `modistill train`)
     DIR/teacher-stage0/       teacher projector alignment
-    DIR/teacher/              the final teacher (dense; frozen tower, projector + LLM trained)
+    DIR/teacher/              the final teacher (dense; frozen tower, projector + LLM trained): by
+                              default a copy of the one shipped in the package (demo/shipped.py)
     DIR/student/stage0|stage1a|stage1b|stage2/   one checkpoint per student stage
     DIR/student/prefs.json    on-policy preference pairs (1b student sampled, oracle-labelled)
     DIR/eval/<model>.json     held-out evaluation of each model
@@ -20,14 +21,16 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from modistill.config import to_dict
-from modistill.demo.plan import FULL, QUICK, DemoPlan, StagePlan
+from modistill.demo.plan import FULL, QUICK, TEACHER_SOURCES, DemoPlan, StagePlan
 from modistill.demo.report import summary_row, table_markdown, write_report
+from modistill.demo.shipped import install_shipped_teacher
 from modistill.demo.vision_reader import pretrain_reader
 from modistill.errors import UserError
 from modistill.eval.run import evaluate
@@ -166,6 +169,17 @@ class Demo:
         return out
 
     def teacher(self) -> Path:
+        """The shipped teacher (copied into DIR/teacher), or one trained here: `plan.teacher`."""
+        if self.plan.teacher not in TEACHER_SOURCES:
+            raise UserError(f"plan.teacher must be one of {TEACHER_SOURCES} (got {self.plan.teacher!r})")
+        if self.plan.teacher == "shipped":
+            if not (self.out / "teacher" / "metrics.json").is_file():
+                self._say("the shipped teacher (trained once by `modistill demo --train-teacher`)")
+                self._timed("teacher (shipped)", install_shipped_teacher, self.out / "teacher")
+            return self.out / "teacher"
+        return self.train_teacher()
+
+    def train_teacher(self) -> Path:
         p = self.plan
         build = {
             "vision": {"pretrained": str(self.vision_reader())},
@@ -224,7 +238,9 @@ class Demo:
                 "num_kv_heads": 2,
                 "intermediate_size": 2 * p.student_hidden,
             },
-            "tokenizer": str(self.world / "tokenizer"),
+            # The teacher's tokenizer (KD compares the two models' distributions row by row). For a
+            # trained teacher it is the world's; the shipped one keeps world 0's on any world.
+            "tokenizer": str(teacher),
             "seed": seed,
         }
         self.run_stage(
@@ -370,6 +386,12 @@ class Demo:
                     "that knows each test image's scene graph",
                     "vision tower: SigLIP pretrained as a reader of the training scene graphs, frozen and "
                     "shared by teacher and student (the demo's stand-in for CLIP)",
+                    "teacher: "
+                    + (
+                        "the package's shipped one, trained once on world 0 by `modistill demo --train-teacher`"
+                        if self.plan.teacher == "shipped"
+                        else f"trained in this run ({self.plan.teacher_sft.steps} steps)"
+                    ),
                     "student = smaller Qwen3 on the teacher's frozen vision tower, trained on "
                     f"{self.plan.student_samples} of the teacher's {self.plan.n_train} training samples",
                 ],
@@ -390,10 +412,13 @@ def run_demo(
     fresh: bool = False,
     progress: bool = True,
     world_seed: int = 0,
+    train_teacher: bool = False,
 ) -> dict:
     out = Path(out)
     marker = out / "demo.json"
     plan = QUICK if quick else FULL
+    if train_teacher:
+        plan = replace(plan, teacher="train")
     settings = {"seed": seed, "world_seed": world_seed, "quick": quick, "plan": to_dict(plan)}
     ours = (
         out.is_dir()

@@ -142,7 +142,13 @@ def write_summary(out: Path, per_seed: list[dict[str, dict]], meta: dict[str, An
 
 
 def run_seeds(
-    out: str | Path, seeds: int, world_seed: int = 0, quick: bool = False, fresh: bool = False, progress: bool = True
+    out: str | Path,
+    seeds: int,
+    world_seed: int = 0,
+    quick: bool = False,
+    fresh: bool = False,
+    progress: bool = True,
+    train_teacher: bool = False,
 ) -> dict[str, Any]:
     """Run the demo for seeds 0..seeds-1 in out/seed{k} (each resumable), then write the summary."""
     import os
@@ -161,12 +167,20 @@ def run_seeds(
     mark(out, "demo-seeds")
     per_seed, seconds = [], []
     for k in range(seeds):
-        result = run_demo(out / f"seed{k}", seed=k, world_seed=world_seed, quick=quick, fresh=fresh, progress=progress)
+        result = run_demo(
+            out / f"seed{k}",
+            seed=k,
+            world_seed=world_seed,
+            quick=quick,
+            fresh=fresh,
+            progress=progress,
+            train_teacher=train_teacher,
+        )
         per_seed.append({row["model"]: row for row in result["rows"]})
         seconds.append(result["timings"]["total"])
     command = f"modistill demo --seeds {seeds}" + (f" --world-seed {world_seed}" if world_seed else "")
     meta = {
-        "command": command + (" --quick" if quick else ""),
+        "command": command + (" --quick" if quick else "") + (" --train-teacher" if train_teacher else ""),
         "world_seed": world_seed,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "seconds_per_seed": " / ".join(f"{s:.0f} s" for s in seconds),
