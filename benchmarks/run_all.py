@@ -27,6 +27,7 @@ BENCHMARKS = [
     "b4_preference_reference",
     "b5_moe_decode",
     "b6_speculative_decode",
+    "b7_demo_batches",
 ]
 
 # What the numbers rest on, independent of one run's figures (those are in the tables above it).

@@ -9,10 +9,11 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from helpers import red_image
-from modistill.data.collate import ConversationCollator, PreferenceCollator, same_rendering
+from modistill.data.collate import ConversationCollator, PixelCache, PreferenceCollator, same_rendering
 from modistill.data.conversations import load_conversations
 from modistill.data.preferences import load_preferences
 from modistill.data.render import IGNORE_INDEX, Renderer
+from modistill.errors import UserError
 from modistill.models.build import build_vlm
 from modistill.models.processor import build_image_processor, build_processor
 from modistill.models.tiny import tiny_spec
@@ -154,6 +155,58 @@ def test_teacher_with_other_image_token_count(siglip, clip16, data_dir):
     assert not torch.allclose(batch["pixel_values"], batch["teacher_pixel_values"])
     assert torch.isfinite(forward(model, batch).loss)
     assert torch.isfinite(forward(teacher_model, batch, "teacher_").loss)
+
+
+def _same_batches(a, b):
+    assert set(a) == set(b)
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_rows_tokens_and_cached_pixels_give_the_batch_built_from_scratch(
+    siglip, clip16, data_dir, packing, with_teacher
+):
+    _, proc = siglip
+    data = conversations(data_dir, proc, teacher=clip16[1] if with_teacher else None)
+    rows = [data.dataset[i] for i in (2, 0, 1)]
+    scratch = ConversationCollator(data.renderer, data.teacher_renderer, packing=packing)
+    fast = data.collator(packing=packing, image_cache_mb=1)
+    assert fast.pretokenized and not scratch.pretokenized
+    # Twice: the second batch takes every image from the cache.
+    _same_batches(scratch(rows), fast(rows))
+    _same_batches(scratch(rows[1:]), fast(rows[1:]))
+    cache = fast.pixel_caches["teacher_" if with_teacher else ""]
+    # big.png and red.png decoded once; red.png's second use in batch 1 and its use in batch 2 are hits.
+    assert (cache.misses, cache.hits) == (2, 2)
+    if with_teacher:
+        assert len(fast.pixel_caches[""].entries) == 2  # each renderer keeps its own pixels
+
+
+def test_pretokenized_collation_needs_the_loaders_columns(siglip, data_dir):
+    _, proc = siglip
+    data = conversations(data_dir, proc)
+    row = {k: v for k, v in data.dataset[1].items() if k not in ("input_ids", "labels")}
+    with pytest.raises(UserError, match="sample one: the row has no input_ids"):
+        data.collator()([row])
+
+
+def test_pixel_cache_drops_the_least_recently_used_past_its_bound():
+    one = torch.zeros(64, 64, dtype=torch.float32)  # 16 KiB
+    cache = PixelCache(max_mb=40 / 1024)  # room for two
+    cache.put("a", one)
+    cache.put("b", one.clone())
+    assert cache.get("a") is one  # a is now the most recently used
+    cache.put("c", one.clone())
+    assert set(cache.entries) == {"a", "c"} and cache.bytes == 2 * one.numel() * 4
+    cache.put("huge", torch.zeros(200, 200))  # larger than the whole cache: not kept
+    assert "huge" not in cache.entries and cache.bytes <= cache.max_bytes
+    with pytest.raises(UserError, match="image_cache_mb must be >= 0"):
+        PixelCache(-1)
 
 
 def test_identical_processors_share_one_rendering(siglip, tiny_vlm_dir, data_dir):

@@ -107,3 +107,14 @@ def test_packing_is_refused_where_it_does_not_apply(scenes_world, teacher_dir, s
     }
     with pytest.raises(UserError, match="data.packing does not apply to on-policy batches"):
         stage_from_dict(onpolicy)
+
+
+def test_image_cache_is_refused_where_it_does_not_apply(scenes_world, teacher_dir, student_dir, tmp_path):
+    common = {"output_dir": str(tmp_path / "out"), "student": {"path": str(student_dir)}}
+    data = {"train": [str(scenes_world / "prefs.json")], "image_cache_mb": 64}
+    pairs = {**common, "stage": "preference", "teacher": {"path": str(teacher_dir)}, "data": data}
+    with pytest.raises(UserError, match="data.image_cache_mb applies to conversation stages"):
+        stage_from_dict(pairs)
+    negative = {**common, "stage": "align", "data": {"train": [str(scenes_world / "train.json")], "image_cache_mb": -1}}
+    with pytest.raises(UserError, match="data.image_cache_mb must be >= 0"):
+        stage_from_dict(negative)

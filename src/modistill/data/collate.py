@@ -7,6 +7,9 @@ attention within each sample (`masking_utils.find_packed_sequence_indices`), so 
 each sample the logits it has alone, with less padding.
 `pixel_values` stacks every image of the batch in the order its image tokens appear (absent when
 the batch has no image), which is what `LlavaForConditionalGeneration` pairs with the image tokens.
+Rows from `load_conversations` carry their tokens (rendered once, when the data was validated); a
+`PixelCache` keeps processed images for the next epoch. Both only skip repeated work: a batch is
+the same tensors as one rendered and processed from scratch.
 A teacher whose processor renders differently (another image size, normalisation, token count or
 tokenizer) gets its own `teacher_*` tensors; with an identical processor one rendering serves both.
 """
@@ -14,6 +17,7 @@ tokenizer) gets its own `teacher_*` tensors; with an identical processor one ren
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -148,9 +152,72 @@ def _render(fn: Any, row: dict[str, Any]) -> Any:
         raise UserError(f"{_where(row)}: {exc} (collate with the renderer the data was loaded with)") from None
 
 
-def _images_of(renderer: Renderer, rows: list[dict[str, Any]], load: _ImageLoader) -> dict[str, torch.Tensor]:
-    images = [load(path, row) for row in rows for path in row.get("images") or []]
-    return {"pixel_values": pixel_values(renderer, images)} if images else {}
+class PixelCache:
+    """Processed pixels [C, H, W] per image path, the least recently used dropped past `max_mb` MiB.
+
+    For runs of several epochs on small images (the demo: 27 KiB per 48x48 image, each seen 2-3
+    times), where decoding and processing every image again is a tenth of a step on the CPU.
+    """
+
+    def __init__(self, max_mb: float) -> None:
+        if max_mb < 0:
+            raise UserError(f"data.image_cache_mb must be >= 0 (0 = off), not {max_mb}")
+        self.max_bytes = int(max_mb * 2**20)
+        self.bytes = 0
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, path: str) -> torch.Tensor | None:
+        pixels = self.entries.get(path)
+        if pixels is not None:
+            self.entries.move_to_end(path)
+        return pixels
+
+    def put(self, path: str, pixels: torch.Tensor) -> None:
+        size = pixels.numel() * pixels.element_size()
+        if size > self.max_bytes or path in self.entries:
+            return
+        self.entries[path] = pixels
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, dropped = self.entries.popitem(last=False)
+            self.bytes -= dropped.numel() * dropped.element_size()
+
+
+def _images_of(
+    renderer: Renderer, rows: list[dict[str, Any]], load: _ImageLoader, cache: PixelCache | None = None
+) -> dict[str, torch.Tensor]:
+    wanted = [(path, row) for row in rows for path in row.get("images") or []]
+    if not wanted:
+        return {}
+    if cache is None:
+        return {"pixel_values": pixel_values(renderer, [load(path, row) for path, row in wanted])}
+    found: dict[str, torch.Tensor] = {}
+    for path, _ in wanted:
+        if (hit := cache.get(path)) is not None:
+            found[path] = hit
+    missing = {path: row for path, row in wanted if path not in found}  # each path once, in order
+    cache.hits += len(wanted) - len(missing)
+    cache.misses += len(missing)
+    if missing:
+        # The image processor treats each image on its own, so processing only the misses gives the
+        # same pixels as processing the whole batch.
+        fresh = pixel_values(renderer, [load(path, row) for path, row in missing.items()])
+        for path, pixels in zip(missing, fresh):
+            own = pixels.clone()  # its own storage: the batch tensor is not kept alive
+            found[path] = own
+            cache.put(path, own)
+    return {"pixel_values": torch.stack([found[path] for path, _ in wanted])}
+
+
+def _pretokenized(row: dict[str, Any], prefix: str) -> RenderedSample:
+    try:
+        return RenderedSample(input_ids=row[prefix + "input_ids"], labels=row[prefix + "labels"], images=row["images"])
+    except KeyError:
+        raise UserError(
+            f"{_where(row)}: the row has no {prefix}input_ids; pretokenized collation needs rows from "
+            "load_conversations (or collate with pretokenized=False)"
+        ) from None
 
 
 class ConversationCollator:
@@ -160,16 +227,26 @@ class ConversationCollator:
     image; sample_ids (list of str). With a teacher that renders differently: teacher_input_ids,
     teacher_attention_mask, teacher_labels [B, T'] and teacher_pixel_values. With `packing`: R <= B
     rows of at most the renderer's max_length tokens, and position_ids (teacher_position_ids) [R, T].
+    `pretokenized`: take each row's tokens from its `input_ids`/`labels` (`teacher_*`) columns, which
+    `load_conversations` rendered with these same renderers. `image_cache_mb` > 0 keeps processed
+    images (`PixelCache`, one per renderer) for later batches.
     """
 
     def __init__(
-        self, student_renderer: Renderer, teacher_renderer: Renderer | None = None, packing: bool = False
+        self,
+        student_renderer: Renderer,
+        teacher_renderer: Renderer | None = None,
+        packing: bool = False,
+        pretokenized: bool = False,
+        image_cache_mb: float = 0,
     ) -> None:
         self.student = student_renderer
         self.teacher = teacher_renderer
         self.packing = packing
+        self.pretokenized = pretokenized
         if teacher_renderer is not None and same_rendering(student_renderer.processor, teacher_renderer.processor):
             self.teacher = None
+        self.pixel_caches = {p: PixelCache(image_cache_mb) for p in ("", "teacher_")} if image_cache_mb else {}
 
     def _batch(self, seqs: list[RenderedSample], renderer: Renderer) -> dict[str, torch.Tensor]:
         pad_id = renderer.tokenizer.pad_token_id
@@ -183,8 +260,12 @@ class ConversationCollator:
         for prefix, renderer in (("", self.student), ("teacher_", self.teacher)):
             if renderer is None:
                 continue
-            seqs = [_render(renderer.render_conversation, row) for row in rows]
-            parts = {**self._batch(seqs, renderer), **_images_of(renderer, rows, load)}
+            if self.pretokenized:
+                seqs = [_pretokenized(row, prefix) for row in rows]
+            else:
+                seqs = [_render(renderer.render_conversation, row) for row in rows]
+            images = _images_of(renderer, rows, load, self.pixel_caches.get(prefix))
+            parts = {**self._batch(seqs, renderer), **images}
             batch.update({prefix + k: v for k, v in parts.items()})
         batch["sample_ids"] = [str(row["id"]) for row in rows]
         return batch

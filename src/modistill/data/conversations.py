@@ -3,8 +3,10 @@
 A sample is `{"id", "image": path | [paths] | absent, "conversations": [{"from", "value"}, ...]}`
 with roles human/gpt (or user/assistant) and an optional system turn; `<image>` tags in the text
 mark where each image goes. Rows of the dataset are normalised:
-`{"id", "source": "file:line", "images": [paths], "messages": [{"role", "content"}]}`; images are
-decoded only when a batch is collated.
+`{"id", "source": "file:line", "images": [paths], "messages": [{"role", "content"}]}`, plus the
+tokens validation rendered (`input_ids`, `labels`, and `teacher_*` for a teacher that renders
+differently), so training does not render a sample again each epoch; images are decoded only
+when a batch is collated.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ from modistill.models.chat import IMAGE_TOKEN
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 MESSAGES = List({"role": Value("string"), "content": Value("string")})
+TOKENS = List(Value("int32"))
 # `length`: the sample's rendered tokens (the longer of student and teacher), the column that
 # `train.train_sampling_strategy: group_by_length` reads, so batches of like length pad less.
+# `teacher_input_ids` / `teacher_labels` are empty when the teacher shares the student's rendering.
 CONVERSATION_FEATURES = Features(
     {
         "id": Value("string"),
@@ -49,6 +53,10 @@ CONVERSATION_FEATURES = Features(
         "images": List(Value("string")),
         "messages": MESSAGES,
         "length": Value("int32"),
+        "input_ids": TOKENS,
+        "labels": TOKENS,
+        "teacher_input_ids": TOKENS,
+        "teacher_labels": TOKENS,
     }
 )
 
@@ -65,8 +73,10 @@ class ConversationData:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def collator(self, packing: bool = False) -> ConversationCollator:
-        return ConversationCollator(self.renderer, self.teacher_renderer, packing=packing)
+    def collator(self, packing: bool = False, image_cache_mb: float = 0) -> ConversationCollator:
+        return ConversationCollator(
+            self.renderer, self.teacher_renderer, packing=packing, pretokenized=True, image_cache_mb=image_cache_mb
+        )
 
 
 def to_messages(turns: Any, key: str = "conversations") -> list[dict[str, str]]:
@@ -192,7 +202,14 @@ def conversation_handler(
             teacher_seqs = [teacher.render_conversation(row)]
             same_response(student, teacher_seqs[0])
         stats.add_sample(len(row["images"]), [student], teacher_seqs)
-        return {**row, "length": max(len(seq.input_ids) for seq in [student, *teacher_seqs])}
+        own = teacher_seqs[0] if teacher_seqs else None  # the teacher's tokens, when it renders its own
+        tokens = {
+            "input_ids": student.input_ids,
+            "labels": student.labels,
+            "teacher_input_ids": own.input_ids if own else [],
+            "teacher_labels": own.labels if own else [],
+        }
+        return {**row, "length": max(len(seq.input_ids) for seq in [student, *teacher_seqs]), **tokens}
 
     return lambda rec: locate_template_errors(rec, handle)
 

@@ -420,7 +420,8 @@ def scan_files(
 
 
 # Bump when what a cached dataset holds (row layout, checks) changes.
-CACHE_FORMAT = 3  # 2: images confined to the root, regular files, pixel bound; problems name the image; 3: length
+# 2: images confined to the root, regular files, pixel bound; problems name the image; 3: length; 4: tokens
+CACHE_FORMAT = 4
 
 
 class _NoSample(Exception):

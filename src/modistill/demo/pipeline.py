@@ -201,7 +201,7 @@ class Demo:
                 "stage": "align",
                 "output_dir": str(self.out / "teacher-stage0"),
                 "student": {"build": build},
-                "data": self._data(train, packing=self.plan.packing),
+                "data": self._data(train, packing=self.plan.packing, image_cache_mb=self.plan.image_cache_mb),
                 "trainable": ["projector"],
                 "train": self._train_args(p.teacher_align),
             },
@@ -213,7 +213,7 @@ class Demo:
                 "stage": "sft",
                 "output_dir": str(self.out / "teacher"),
                 "student": {"path": str(self.out / "teacher-stage0")},
-                "data": self._data(train, packing=self.plan.packing),
+                "data": self._data(train, packing=self.plan.packing, image_cache_mb=self.plan.image_cache_mb),
                 "trainable": ["projector", "llm"],
                 "train": self._train_args(p.teacher_sft),
             },
@@ -223,7 +223,9 @@ class Demo:
     # --- student stages, as building blocks (the ablations recombine them) ----------------------
     def student_data(self, files: list[Path] | None = None, packing: bool | None = None) -> dict[str, Any]:
         packing = self.plan.packing if packing is None else packing
-        return self._data(files or [self.world / "train.json"], max_samples=self.plan.student_samples, packing=packing)
+        files = files or [self.world / "train.json"]
+        cache = self.plan.image_cache_mb
+        return self._data(files, max_samples=self.plan.student_samples, packing=packing, image_cache_mb=cache)
 
     def align_student(self, out_dir: Path, teacher: Path, seed: int) -> Path:
         p = self.plan

@@ -67,11 +67,16 @@ class DataConfig:
     # Concatenate each batch's samples into rows of up to max_length tokens, attention kept within each
     # sample (position_ids restart per sample): the same loss with less padding. Conversation stages only.
     packing: bool = False
+    # Keep up to this many MiB of processed images in memory for later epochs (0 = off): worth it
+    # when images are small and seen several times, as in the demo. Conversation stages only.
+    image_cache_mb: float = 0
 
     def __post_init__(self) -> None:
         if not self.train:
             raise ValueError("data.train: give at least one data file")
         _at_least(self, 1, "max_length")
+        if self.image_cache_mb < 0:
+            raise ValueError(f"data.image_cache_mb must be >= 0 (0 = off), not {self.image_cache_mb}")
         if self.max_samples is not None:
             _at_least(self, 1, "max_samples")
 

@@ -103,7 +103,7 @@ def run(cfg: AlignConfig, fresh: bool = False, resume_with_changes: bool = False
         model=student,
         args=args,
         train_dataset=dataset,
-        data_collator=data.collator(packing=cfg.data.packing),
+        data_collator=data.collator(packing=cfg.data.packing, image_cache_mb=cfg.data.image_cache_mb),
         processing_class=processor,
         loss_config=cfg.loss,
         callbacks=callbacks_for(cfg.train) + run_dir.callbacks,

@@ -204,9 +204,11 @@ class MimicTrainer(StageTrainer):
         return (loss, None) if return_outputs else loss
 
 
-def collator_and_sampler(loss: KDLoss, data, seed: int, packing: bool = False) -> tuple[object, OnPolicySampler | None]:
+def collator_and_sampler(
+    loss: KDLoss, data, seed: int, packing: bool = False, image_cache_mb: float = 0
+) -> tuple[object, OnPolicySampler | None]:
     """The data collator, and the on-policy sampler when loss.onpolicy_fraction > 0 (None: the paper's path)."""
-    collator = data.collator(packing=packing)
+    collator = data.collator(packing=packing, image_cache_mb=image_cache_mb)
     if loss.onpolicy_fraction <= 0:
         return collator, None
     rows = RowsCollator(collator)  # keeps the raw conversations: sampled answers are rendered like the data's
@@ -263,7 +265,7 @@ def distil(cfg: MimicDenseConfig, args, run_dir, student, processor, trainer_cls
     run_dir.check_samples(len(dataset))  # a resume must see the samples the run started on
 
     # 5. Train: the teacher sits on the student's device, for inference only.
-    collator, onpolicy = collator_and_sampler(cfg.loss, data, args.seed, cfg.data.packing)
+    collator, onpolicy = collator_and_sampler(cfg.loss, data, args.seed, cfg.data.packing, cfg.data.image_cache_mb)
     trainer = trainer_cls(
         model=student,
         args=args,

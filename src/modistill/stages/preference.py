@@ -80,6 +80,8 @@ class PreferenceConfig:
     def __post_init__(self) -> None:
         if self.data.packing:
             raise ValueError("data.packing applies to conversation stages; preference pairs are not packed")
+        if self.data.image_cache_mb:
+            raise ValueError("data.image_cache_mb applies to conversation stages; set it to 0 for preference pairs")
 
 
 class PreferenceTrainer(StageTrainer):
