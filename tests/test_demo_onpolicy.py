@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import random
+from types import SimpleNamespace
 
 import pytest
 
 from modistill.data.preferences import load_preferences
+from modistill.demo import onpolicy
 from modistill.demo.onpolicy import build_onpolicy_pairs, read_train_scenes
 from modistill.models.load import load_model
 from modistill.scenes.oracle import score_caption
+from modistill.scenes.text import caption, caption_style_of, corrupt_caption
+from modistill.scenes.world import World, WorldConfig
 
 
 def _load_pairs(out, scenes_world, loaded, tmp_path):
@@ -71,13 +76,19 @@ def test_short_answer_pairs_choose_the_true_existence_answer(tmp_path, scenes_wo
         n_images=2,
         samples=1,
         short_answers=8,
+        greedy_images=4,
         seed=3,
         batch_size=4,
         max_new_tokens=8,
         progress=False,
     )
-    pairs = [p for p in json.loads(out.read_text()) if p["id"].startswith("short-")]
+    every = json.loads(out.read_text())
+    pairs = [p for p in every if p["id"].startswith("short-")]
     assert stats["short_answer_pairs"] == len(pairs) == 8
+    greedy = [p for p in every if p["id"].startswith("greedy-")]
+    assert stats["greedy_images"] == 4 and stats["greedy_error_pairs"] == len(greedy) <= 4
+    others = {p["image"] for p in every if not p["id"].startswith("greedy-")}
+    assert not others & {p["image"] for p in greedy}  # the error pool is its own images
     assert 0.0 <= stats["short_answer_error_rate"] <= 1.0
     scenes = dict(read_train_scenes(scenes_world))
     answers = []
@@ -92,3 +103,30 @@ def test_short_answer_pairs_choose_the_true_existence_answer(tmp_path, scenes_wo
     assert answers.count("yes") == answers.count("no")  # targets alternate
     data = _load_pairs(out, scenes_world, loaded, tmp_path)
     assert len(data) == len(json.loads(out.read_text()))
+
+
+def test_greedy_error_pool_pairs_only_the_wrong_greedy_captions(scenes_world, monkeypatch):
+    rows = read_train_scenes(scenes_world)[:8]
+    scenes = dict(rows)
+    world = World(WorldConfig(**json.loads((scenes_world / "world.json").read_text())["config"]))
+
+    def fake_greedy(model, processor, items, **kwargs):
+        # Even images: the ground-truth caption (faithful, no pair); odd ones: a caption naming a
+        # phantom object (hallucinated) or nothing the oracle can parse.
+        answers = []
+        for k, (item, (image, scene)) in enumerate(zip(items, rows)):
+            assert item["image"] == str(scenes_world / image)
+            style = caption_style_of(item["text"])
+            wrong = "the the the" if k % 4 == 1 else corrupt_caption(scene, style, world, random.Random(k))
+            answers.append(caption(scene, style) if k % 2 == 0 else wrong)
+        return answers
+
+    monkeypatch.setattr(onpolicy, "generate_answers", fake_greedy)
+    loaded = SimpleNamespace(model=None, processor=None)
+    pairs = onpolicy.greedy_error_pairs(loaded, scenes_world, world, rows, random.Random(0), 4, 48, False)
+    assert [pair["image"] for pair in pairs] == [image for image, _ in rows[1::2]]
+    for pair in pairs:
+        scene = scenes[pair["image"]]
+        assert pair["chosen"] == caption(scene, caption_style_of(pair["question"]))
+        verdict = score_caption(pair["rejected"], scene)
+        assert verdict.hallucinated or not verdict.parseable

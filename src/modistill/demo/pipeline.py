@@ -321,6 +321,7 @@ class Demo:
             n_images=p.pref_images,
             samples=p.pref_samples,
             short_answers=p.pref_short,
+            greedy_images=p.pref_greedy,
             seed=self.seed,
             progress=self.progress,
         )

@@ -68,6 +68,11 @@ class DemoPlan:
     pref_images: int = 400
     pref_samples: int = 4
     pref_short: int = 300  # existence-question pairs on other training images (short answers)
+    # Further training images captioned greedily (brief prompt); each wrong caption becomes a pair
+    # against the ground truth. Off: with 2,000 images (78-131 pairs) validation greedy hallucination
+    # went 0.140 / 0.075 / 0.135 -> 0.130 / 0.080 / 0.065 over 3 seeds, within noise, and T=1 rose in
+    # 2 of 3 (docs/demo.md).
+    pref_greedy: int = 0
     # ~2 passes over the pairs. At 5e-5 the reward margin never turned positive (reward accuracy
     # 0.25-0.44); 1e-4 / 3e-4 / 1e-3 for 100 steps gave sampled hallucination 0.667 / 0.652 / 0.667
     # (1b student: 0.82) with VQA 0.46 / 0.45 / 0.435: 2e-4 sits in the flat part (in early calibration,
