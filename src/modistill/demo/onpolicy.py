@@ -92,15 +92,7 @@ def build_onpolicy_pairs(
     if greedy:
         # The greedy caption too: its errors (measured: mostly a repeated object instead of the next one)
         # differ from sampling noise, and preference pairs only correct the errors they contain.
-        greedy_answers = generate_answers(
-            loaded.model,
-            loaded.processor,
-            items,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            progress=progress,
-            desc="greedy captions",
-        )
+        greedy_answers = _greedy(loaded, items, batch_size, max_new_tokens, progress, "greedy captions")
         answers = [[g, *a] for g, a in zip(greedy_answers, answers)]
     pairs, sampled_chosen, sampled_rejected, hallucinated, total = [], 0, 0, 0, 0
     for k, ((image, scene), item, responses) in enumerate(zip(picked, items, answers)):
@@ -140,6 +132,21 @@ def build_onpolicy_pairs(
     }
 
 
+def _greedy(loaded, items: list[dict], batch_size: int, max_new_tokens: int, progress: bool, desc: str) -> list[str]:
+    """The model's greedy answer to each item (none for no items)."""
+    if not items:
+        return []
+    return generate_answers(
+        loaded.model,
+        loaded.processor,
+        items,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+        desc=desc,
+    )
+
+
 def existence_pairs(
     loaded,
     world_dir: Path,
@@ -153,19 +160,7 @@ def existence_pairs(
     the true answer chosen, the other rejected. Returns the pairs and how many the model got wrong."""
     questions = [exists_question(scene, world, rng, target=("yes", "no")[i % 2]) for i, (_, scene) in enumerate(rows)]
     items = [{"image": str(world_dir / image), "text": q} for (image, _), (q, _) in zip(rows, questions)]
-    answers = (
-        generate_answers(
-            loaded.model,
-            loaded.processor,
-            items,
-            batch_size=batch_size,
-            max_new_tokens=4,
-            progress=progress,
-            desc="asking the student",
-        )
-        if items
-        else []
-    )
+    answers = _greedy(loaded, items, batch_size, 4, progress, "asking the student")
     pairs, wrong = [], 0
     for k, ((image, _), (question, truth), answer) in enumerate(zip(rows, questions, answers)):
         wrong += not answer_matches(answer, truth, "exists")
@@ -193,17 +188,7 @@ def greedy_error_pairs(
     the pool with size corrections."""
     prompt = CAPTION_PROMPTS["caption_brief"]
     items = [{"image": str(world_dir / image), "text": prompt} for image, _ in rows]
-    if not items:
-        return []
-    answers = generate_answers(
-        loaded.model,
-        loaded.processor,
-        items,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        progress=progress,
-        desc="greedy captions (error pool)",
-    )
+    answers = _greedy(loaded, items, batch_size, max_new_tokens, progress, "greedy captions (error pool)")
     pairs = []
     for k, ((image, scene), item, answer) in enumerate(zip(rows, items, answers)):
         verdict = score_caption(answer, scene)
