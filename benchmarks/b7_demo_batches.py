@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import benchlib as bl
@@ -24,6 +25,7 @@ import steps
 from modistill.config import from_dict
 from modistill.data.collate import ConversationCollator
 from modistill.data.conversations import load_conversations
+from modistill.demo.pipeline import Demo
 from modistill.demo.plan import FULL
 from modistill.demo.shipped import install_shipped_teacher
 from modistill.models.load import load_model
@@ -31,19 +33,9 @@ from modistill.models.spec import ModelSpec
 from modistill.runtime.config import StudentConfig
 from modistill.runtime.groups import set_trainable
 from modistill.runtime.student import load_student
-from modistill.scenes.build import build_world
-from modistill.scenes.world import WorldConfig
 from modistill.teacher.live import LiveTeacher
 
 BATCH = 16
-
-
-def student_spec(teacher: Path) -> ModelSpec:
-    p = FULL
-    text = {"type": "qwen3", "hidden_size": p.student_hidden, "num_layers": p.student_layers}
-    text |= {"num_heads": 4, "num_kv_heads": 2, "intermediate_size": 2 * p.student_hidden}
-    build = {"vision": {"pretrained": str(teacher)}, "text": text, "tokenizer": str(teacher), "seed": 0}
-    return from_dict(ModelSpec, build)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,14 +47,13 @@ def main(argv: list[str] | None = None) -> dict:
     n_batches, repeats = (2, 1) if args.quick else (args.batches, args.repeats)
     tmp = Path(tempfile.mkdtemp(prefix="modistill-bench-b7-"))
 
-    plan = FULL
-    world_cfg = WorldConfig(
-        caption_noise=plan.caption_noise, multi_turn=plan.multi_turn, train_colour_near_miss=plan.colour_near_miss
-    )
-    build_world(tmp / "world", world_cfg, n_train=n_batches * BATCH, n_test=1, seed=0, progress=False)
+    plan = replace(FULL, n_train=n_batches * BATCH, n_test=1)
+    demo = Demo(tmp, plan, progress=False)  # the demo's own world settings and student spec
+    demo.make_world()
     teacher_dir = install_shipped_teacher(tmp / "teacher")
     teacher = load_model(teacher_dir).model.eval().requires_grad_(False)
-    student, processor = load_student(StudentConfig(build=student_spec(teacher_dir)))
+    spec = from_dict(ModelSpec, demo.student_build(teacher_dir, seed=0))
+    student, processor = load_student(StudentConfig(build=spec))
     set_trainable(student, ["projector", "llm"])  # stage 1a's groups: the tower stays frozen
     data = load_conversations(
         tmp / "world" / "train.json",

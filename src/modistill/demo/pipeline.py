@@ -227,9 +227,10 @@ class Demo:
         cache = self.plan.image_cache_mb
         return self._data(files, max_samples=self.plan.student_samples, packing=packing, image_cache_mb=cache)
 
-    def align_student(self, out_dir: Path, teacher: Path, seed: int) -> Path:
+    def student_build(self, teacher: Path, seed: int) -> dict[str, Any]:
+        """The student's model spec (`student.build` of its stage 0)."""
         p = self.plan
-        build = {
+        return {
             # LLaVA-MoD's student shares the teacher's (frozen) vision encoder.
             "vision": {"pretrained": str(teacher)},
             "text": {
@@ -245,12 +246,15 @@ class Demo:
             "tokenizer": str(teacher),
             "seed": seed,
         }
+
+    def align_student(self, out_dir: Path, teacher: Path, seed: int) -> Path:
+        p = self.plan
         self.run_stage(
             out_dir,
             {
                 "stage": "align",
                 "output_dir": str(out_dir),
-                "student": {"build": build},
+                "student": {"build": self.student_build(teacher, seed)},
                 "data": self.student_data(),
                 "train": self._train_args(p.student_align),
             },
