@@ -78,3 +78,10 @@ def test_demo_distils_from_the_shipped_teacher(tmp_path):
     stage0 = tmp_path / "student" / "stage0"
     assert (stage0 / "tokenizer.json").read_text() == (teacher / "tokenizer.json").read_text()
     assert [r["model"] for r in result["rows"]] == ["teacher"] + [f"student/stage{s}" for s in ("0", "1a", "1b", "2")]
+    # Stages 1a and 1b read one teacher cache, made once on the student's samples.
+    manifest = json.loads((tmp_path / "teacher-cache" / "manifest.json").read_text())
+    assert manifest["num_samples"] == QUICK.student_samples and manifest["top_k"] == QUICK.teacher_top_k
+    assert "teacher cache" in result["timings"]
+    for stage in ("stage1a", "stage1b"):
+        cfg = (tmp_path / "configs" / f"student-{stage}.yaml").read_text()
+        assert f"teacher_cache: {tmp_path / 'teacher-cache'}" in cfg

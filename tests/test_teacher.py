@@ -110,6 +110,33 @@ def test_cached_teacher_with_k_equal_vocab_gives_the_live_teacher_run(tmp_path, 
 
 
 @pytest.mark.slow
+def test_packed_cache_holds_the_padded_cache_rows(tmp_path, scenes_world, teacher_dir, student_dir):
+    """data.packing packs the cache's teacher forwards too: every sample keeps its rows, ids and log-probs."""
+    from modistill.teacher.cache import TeacherCache
+
+    caches = {}
+    for packing in (False, True):
+        stage = stage_config(
+            "mimic_dense",
+            tmp_path / f"stage-{packing}",
+            {"path": str(student_dir)},
+            scenes_world,
+            teacher=teacher_dir,
+            data={"cache_dir": None, "packing": packing},
+        )
+        (tmp_path / f"stage-{packing}.yaml").write_text(dump_yaml(stage))
+        out = tmp_path / f"cache-{packing}"
+        run_cache_teacher(CacheConfig(stage=str(tmp_path / f"stage-{packing}.yaml"), output_dir=str(out), top_k=16))
+        caches[packing] = TeacherCache(out)
+    ids = list(caches[False]._index)
+    assert len(ids) == 48 and sorted(ids) == sorted(caches[True]._index)
+    padded, packed = caches[False].lookup(ids), caches[True].lookup(ids)
+    assert torch.equal(padded[2], packed[2]) and torch.equal(padded[3], packed[3])  # targets, rows per sample
+    torch.testing.assert_close(packed[1], padded[1], atol=1e-4, rtol=0)
+    assert (packed[0] == padded[0]).float().mean() > 0.99  # near-ties in the top-k may swap places
+
+
+@pytest.mark.slow
 def test_small_k_cache_is_smaller_and_trains(tmp_path, scenes_world, teacher_dir, student_dir):
     stage = stage_config(
         "mimic_dense",

@@ -100,12 +100,17 @@ class Demo:
             **extra,
         }
 
-    def run_stage(self, out_dir: Path, cfg: dict[str, Any]) -> dict:
-        """Write the stage's YAML, then run it exactly as `modistill train DIR/configs/...yaml` would."""
+    def _write_config(self, out_dir: Path, cfg: dict[str, Any]) -> tuple[str, Path]:
+        """DIR/configs/NAME.yaml for the stage writing to `out_dir`: (NAME, path)."""
         name = str(Path(out_dir).relative_to(self.out)).replace("/", "-")
         path = self.out / "configs" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return name, path
+
+    def run_stage(self, out_dir: Path, cfg: dict[str, Any]) -> dict:
+        """Write the stage's YAML, then run it exactly as `modistill train DIR/configs/...yaml` would."""
+        name, path = self._write_config(out_dir, cfg)
         stage_cfg = load_stage_config(path)
         self._say(f"{name}  ({path.relative_to(self.out)})")
         run = runner_of(stage_cfg)
@@ -305,8 +310,30 @@ class Demo:
             cfg.update(stage="mimic_dense", loss={"kd_weight": kd, "ce_weight": ce, **(loss or {})})
         if kd > 0:
             cfg["teacher"] = {"path": str(teacher)}
+            if self.plan.teacher_top_k > 0 and not (loss or {}).get("onpolicy_fraction", 0) > 0:
+                assert teacher is not None
+                cfg["teacher_cache"] = str(self.teacher_cache(out_dir, cfg, teacher))
         self.run_stage(out_dir, cfg)
         return out_dir
+
+    def teacher_cache(self, out_dir: Path, cfg: dict[str, Any], teacher: Path) -> Path:
+        """The teacher's top-k log-probs on the student's data, made once (`modistill cache-teacher`)
+        for the stage `cfg` and reused by every mimic stage on the same data and teacher."""
+        from modistill.stages.cache_teacher import CacheConfig, run_cache_teacher
+
+        cache = self.out / "teacher-cache"
+        if (cache / "manifest.json").is_file():
+            made_for = json.loads((cache / "manifest.json").read_text()).get("teacher")
+            if made_for != str(teacher):
+                raise UserError(f"{cache}: made for teacher {made_for}, not {teacher}; delete it to rebuild")
+            return cache
+        _, stage_yaml = self._write_config(out_dir, cfg)
+        self._say(f"cache the teacher's top-{self.plan.teacher_top_k} log-probs (for {stage_yaml.name})")
+        config = CacheConfig(
+            stage=str(stage_yaml), output_dir=str(cache), top_k=self.plan.teacher_top_k, batch_size=64, shard_size=4096
+        )
+        self._timed("teacher cache", run_cache_teacher, config, overwrite=True, progress=self.progress)
+        return cache
 
     def onpolicy_pairs(self, out_file: Path, model_dir: Path) -> Path:
         if out_file.is_file():

@@ -40,7 +40,7 @@ def load_cache_config(path, overrides: list[str] | None = None) -> CacheConfig:
     return load_config(CacheConfig, path, overrides)
 
 
-def run_cache_teacher(cfg: CacheConfig, overwrite: bool = False) -> dict:
+def run_cache_teacher(cfg: CacheConfig, overwrite: bool = False, progress: bool = True) -> dict:
     stage = load_stage_config(cfg.stage)
     if stage.stage not in ("mimic_dense", "mimic_sparse") or stage.teacher is None or stage.student.path is None:
         raise UserError(f"{cfg.stage}: a teacher cache serves a mimic stage with a `teacher` and a `student.path`")
@@ -73,7 +73,9 @@ def run_cache_teacher(cfg: CacheConfig, overwrite: bool = False) -> dict:
         allow_outside_root=data_cfg.allow_outside_root,
     )
     dataset = first_samples(data.dataset, data_cfg.max_samples)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=data.collator(), shuffle=False)
+    # Packed like the stage packs them (data.packing): the same forward, with less padding.
+    collator = data.collator(packing=data_cfg.packing)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collator, shuffle=False)
 
     temperature = stage.loss.temperature
     identity = cache_identity(
@@ -91,7 +93,7 @@ def run_cache_teacher(cfg: CacheConfig, overwrite: bool = False) -> dict:
         cfg.output_dir, overwrite, kind="teacher-cache", inputs=inputs, legacy=("manifest.json",)
     ) as tmp:
         writer = TeacherCacheWriter(tmp, identity, shard_size=cfg.shard_size)
-        for batch in tqdm(loader, desc="caching teacher", unit="batch"):
+        for batch in tqdm(loader, desc="caching teacher", unit="batch", disable=not progress):
             states = live.forward(batch)
             writer.add_batch(batch["sample_ids"], states.hidden, weight, states.targets, states.counts, bias)
         manifest = writer.close()
