@@ -77,6 +77,7 @@ def test_short_answer_pairs_choose_the_true_existence_answer(tmp_path, scenes_wo
         samples=1,
         short_answers=8,
         greedy_images=4,
+        repeat_images=5,
         seed=3,
         batch_size=4,
         max_new_tokens=8,
@@ -87,8 +88,11 @@ def test_short_answer_pairs_choose_the_true_existence_answer(tmp_path, scenes_wo
     assert stats["short_answer_pairs"] == len(pairs) == 8
     greedy = [p for p in every if p["id"].startswith("greedy-")]
     assert stats["greedy_images"] == 4 and stats["greedy_error_pairs"] == len(greedy) <= 4
-    others = {p["image"] for p in every if not p["id"].startswith("greedy-")}
-    assert not others & {p["image"] for p in greedy}  # the error pool is its own images
+    repeats = [p for p in every if p["id"].startswith("repeat-")]
+    assert stats["repeat_pairs"] == len(repeats) == 5  # the fixture's scenes all hold objects
+    for pool in (greedy, repeats):  # the error pool and the repeat pairs each have their own images
+        others = {p["image"] for p in every if p not in pool}
+        assert not others & {p["image"] for p in pool}
     assert 0.0 <= stats["short_answer_error_rate"] <= 1.0
     scenes = dict(read_train_scenes(scenes_world))
     answers = []
@@ -130,3 +134,18 @@ def test_greedy_error_pool_pairs_only_the_wrong_greedy_captions(scenes_world, mo
         assert pair["chosen"] == caption(scene, caption_style_of(pair["question"]))
         verdict = score_caption(pair["rejected"], scene)
         assert verdict.hallucinated or not verdict.parseable
+
+
+def test_repeat_pairs_differ_from_the_true_caption_by_one_repeated_mention(scenes_world):
+    rows = read_train_scenes(scenes_world)[:40]
+    scenes = dict(rows)
+    pairs = onpolicy.repeat_pairs(rows, random.Random(0))
+    assert [pair["image"] for pair in pairs] == [image for image, scene in rows if scene.objects]
+    assert len({pair["id"] for pair in pairs}) == len(pairs)
+    assert len({pair["question"] for pair in pairs}) > 1  # caption styles are drawn, not fixed
+    for pair in pairs:
+        scene = scenes[pair["image"]]
+        assert pair["chosen"] == caption(scene, caption_style_of(pair["question"]))
+        verdict = score_caption(pair["rejected"], scene)
+        assert verdict.parseable and len(verdict.hallucinated_mentions) == 1
+        assert (verdict.hallucinated_mentions[0].colour, verdict.hallucinated_mentions[0].shape) in scene.kinds()

@@ -12,7 +12,7 @@ from modistill.scenes.oracle import (
     parse_caption,
     score_caption,
 )
-from modistill.scenes.text import CAPTION_PROMPTS, caption, corrupt_caption
+from modistill.scenes.text import CAPTION_PROMPTS, caption, corrupt_caption, repeat_caption
 from modistill.scenes.world import CAPTION_TASKS, SceneObject, World, WorldConfig, make_scene
 
 # A small red circle at the top left, a large blue square in the centre (3x3 grid).
@@ -99,6 +99,39 @@ def test_corrupted_captions_hallucinate_exactly_one_mention():
         for style in CAPTION_TASKS:
             score = score_caption(corrupt_caption(scene, style, world, rng), scene)
             assert score.parseable and len(score.hallucinated_mentions) == 1
+
+
+def test_repeat_captions_say_a_kind_once_more_than_the_scene_holds_it():
+    world = World(WorldConfig())
+    rng = random.Random(0)
+    seen_shared = 0
+    for _ in range(300):
+        scene = world.sample_scene(rng)
+        for style in CAPTION_TASKS:
+            text = repeat_caption(scene, style, rng)
+            if not scene.objects:
+                assert text is None
+                continue
+            assert text is not None
+            score = score_caption(text, scene)
+            # One mention too many of a present kind: wrong by exactly one mention, every object still named
+            # except the one it replaced (or all of them, when the last object is said twice).
+            assert score.parseable and len(score.hallucinated_mentions) == 1
+            bad = score.hallucinated_mentions[0]
+            assert (bad.colour, bad.shape) in scene.kinds()
+            assert score.n_covered in (len(scene.objects) - 1, len(scene.objects))
+            said = [(m.colour, m.shape) for m in score.mentions]
+            seen_shared += any(a != b and a[0] == b[0] for a, b in zip([o.kind for o in scene.objects], said))
+    assert seen_shared > 0
+
+
+def test_repeat_caption_prefers_the_next_object_of_the_same_colour():
+    scene = make_scene(
+        [SceneObject("blue", "circle", "small", 0, 0), SceneObject("blue", "triangle", "large", 1, 1)], 3, (9, 9, 9)
+    )
+    texts = {repeat_caption(scene, "caption_brief", random.Random(seed)) for seed in range(40)}
+    # The triangle said as a circle (the common error), or the last object said twice.
+    assert texts == {"a blue circle and a blue circle", "a blue circle, a blue triangle and a blue triangle"}
 
 
 @pytest.mark.parametrize(

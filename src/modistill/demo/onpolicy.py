@@ -8,6 +8,9 @@ ones rejected; without such a contrast, ground truth vs a corrupted caption stan
 Greedy captions go wrong rarely (a few per hundred images, mostly an object repeated in place of the
 next one), so a pool of further images is captioned greedily only and each such error becomes a
 pair against the ground truth: the errors a greedy decoder makes are the ones these pairs correct.
+Repeat pairs go further: on any training image, the true caption against the same caption with that
+error written in (`repeat_pairs`). Both are off in the demo's plan: measured, neither lowers greedy
+hallucination beyond noise (docs/demo.md).
 
 Like RLAIF-V, which mixes long and short answers, a share of the pairs are existence questions
 (the true "yes"/"no" chosen, the other rejected). Caption pairs alone teach caution: measured at
@@ -25,7 +28,7 @@ from modistill.errors import UserError
 from modistill.eval.generate import generate_answers
 from modistill.io import write_json_atomic
 from modistill.scenes.oracle import answer_matches, label_preference_pairs, score_caption
-from modistill.scenes.text import CAPTION_PROMPTS, exists_question
+from modistill.scenes.text import CAPTION_PROMPTS, caption, exists_question, repeat_caption
 from modistill.scenes.world import Scene, World, WorldConfig
 
 
@@ -56,22 +59,22 @@ def build_onpolicy_pairs(
     short_answers: int = 0,
     greedy: bool = True,
     greedy_images: int = 0,
+    repeat_images: int = 0,
     progress: bool = True,
 ) -> dict:
     """Sample `samples` captions per training image from `loaded` (a LoadedModel), plus its greedy
     caption unless `greedy` is False, and write oracle-labelled pairs; then `short_answers`
-    existence-question pairs on other training images, and a pair (ground truth chosen) for each
-    hallucinated or unparseable greedy caption of `greedy_images` further training images."""
+    existence-question pairs on other training images, a pair (ground truth chosen) for each
+    hallucinated or unparseable greedy caption of `greedy_images` further training images, and a
+    repeated-object pair (`repeat_pairs`) for each of `repeat_images` further training images."""
     world_dir = Path(world_dir)
     world = World(WorldConfig(**json.loads((world_dir / "world.json").read_text())["config"]))
     rng = random.Random(seed)
     scenes = read_train_scenes(world_dir)
-    picked = rng.sample(scenes, min(n_images + short_answers + greedy_images, len(scenes)))
-    picked, short, extra = (
-        picked[:n_images],
-        picked[n_images : n_images + short_answers],
-        picked[n_images + short_answers :],
-    )
+    picked = rng.sample(scenes, min(n_images + short_answers + greedy_images + repeat_images, len(scenes)))
+    # Disjoint image sets, in this order: sampled captions, short answers, greedy pool, repeats.
+    cuts = [0, n_images, n_images + short_answers, n_images + short_answers + greedy_images, len(picked)]
+    picked, short, extra, repeats = (picked[a:b] for a, b in zip(cuts, cuts[1:]))
     styles = list(CAPTION_PROMPTS)
     items = [{"image": str(world_dir / image), "text": CAPTION_PROMPTS[rng.choice(styles)]} for image, _ in picked]
     answers = generate_answers(
@@ -115,7 +118,8 @@ def build_onpolicy_pairs(
             pairs.append(pair)
     short_pairs, short_wrong = existence_pairs(loaded, world_dir, world, short, rng, batch_size, progress)
     greedy_pairs = greedy_error_pairs(loaded, world_dir, world, extra, rng, batch_size, max_new_tokens, progress)
-    pairs += short_pairs + greedy_pairs
+    repeated = repeat_pairs(repeats, rng)
+    pairs += short_pairs + greedy_pairs + repeated
     rng.shuffle(pairs)
     write_json_atomic(out_file, pairs)
     return {
@@ -123,6 +127,7 @@ def build_onpolicy_pairs(
         "short_answer_error_rate": short_wrong / max(len(short_pairs), 1),
         "greedy_images": len(extra),
         "greedy_error_pairs": len(greedy_pairs),
+        "repeat_pairs": len(repeated),
         "images": len(picked),
         "samples_per_image": samples,
         "pairs": len(pairs),
@@ -196,5 +201,32 @@ def greedy_error_pairs(
             continue
         pairs += label_preference_pairs(
             scene, item["text"], [answer], rng, world=world, image=image, id_prefix=f"greedy-{k}", max_pairs=1
+        )
+    return pairs
+
+
+def repeat_pairs(rows: list[tuple[str, Scene]], rng: random.Random) -> list[dict]:
+    """One pair per image: its true caption chosen, the same caption with an object repeated in place
+    of the next one rejected (`repeat_caption`), in a caption style drawn at random.
+
+    The greedy errors of the demo's models are nearly all this one mistake, and a greedy decoder
+    makes it on a few images in a hundred, so pairs from its own captions hold few of them. Each of
+    these pairs differs from its chosen caption in one mention, so the preference loss acts at the
+    token where the decoder goes wrong (RLHF-V's corrections are minimal edits for the same reason)."""
+    styles = list(CAPTION_PROMPTS)
+    pairs = []
+    for k, (image, scene) in enumerate(rows):
+        style = rng.choice(styles)
+        wrong = repeat_caption(scene, style, rng)
+        if wrong is None:
+            continue
+        pairs.append(
+            {
+                "id": f"repeat-{k}",
+                "image": image,
+                "question": CAPTION_PROMPTS[style],
+                "chosen": caption(scene, style),
+                "rejected": wrong,
+            }
         )
     return pairs

@@ -353,6 +353,7 @@ class Demo:
             samples=p.pref_samples,
             short_answers=p.pref_short,
             greedy_images=p.pref_greedy,
+            repeat_images=p.pref_repeat,
             seed=self.seed,
             progress=self.progress,
         )
@@ -360,8 +361,9 @@ class Demo:
         print(json.dumps(stats))
         return out_file
 
-    def preference(self, out_dir: Path, base: Path, teacher: Path, prefs: Path, kind: str = "kto_pair") -> Path:
+    def preference(self, out_dir: Path, base: Path, teacher: Path, prefs: Path, kind: str | None = None) -> Path:
         p = self.plan
+        kind = kind or p.pref_loss
         self.run_stage(
             out_dir,
             {

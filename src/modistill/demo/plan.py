@@ -78,6 +78,13 @@ class DemoPlan:
     # went 0.140 / 0.075 / 0.135 -> 0.130 / 0.080 / 0.065 over 3 seeds, within noise, and T=1 rose in
     # 2 of 3 (docs/demo.md).
     pref_greedy: int = 0
+    # Further training images, each a pair whose rejected caption repeats an object in place of the next
+    # (`repeat_pairs`): the demo models' greedy errors are nearly all that one mistake. Off: 1,000 such
+    # pairs took validation greedy hallucination from 0.113 to 0.105 (3 seeds, std 0.026) by turning
+    # repeats into other wrong objects (against the shipped stage 2: 63 -> 37 repeats, 5 -> 26 other
+    # errors over the 3 seeds; docs/demo.md, item 9).
+    pref_repeat: int = 0
+    pref_loss: str = "kto_pair"  # stage 2's loss (PreferenceLoss.preference): kto_pair (the paper) or sigmoid (DPO)
     # ~2 passes over the pairs. At 5e-5 the reward margin never turned positive (reward accuracy
     # 0.25-0.44); 1e-4 / 3e-4 / 1e-3 for 100 steps gave sampled hallucination 0.667 / 0.652 / 0.667
     # (1b student: 0.82) with VQA 0.46 / 0.45 / 0.435: 2e-4 sits in the flat part (in early calibration,
