@@ -40,11 +40,32 @@ def test_difference_uses_the_larger_of_seed_and_binomial_standard_errors():
     diffs = [0.01 - 0.10, 0.02 - 0.12, 0.0 - 0.08]
     assert math.isclose(d["diff"], statistics.fmean(diffs))
     seed_se = statistics.stdev(diffs) / math.sqrt(3)
-    var = lambda p: p * (1 - p) / 200  # noqa: E731
-    binom = math.hypot(
-        math.sqrt(sum(var(p) for p in (0.01, 0.02, 0.0))) / 3, math.sqrt(sum(var(p) for p in (0.10, 0.12, 0.08))) / 3
-    )
-    assert math.isclose(d["se"], max(seed_se, binom))
+    # The seeds share the 200 test images: each model's binomial term is that of its mean rate over
+    # 200 images, not over 600.
+    binom = math.sqrt(0.01 * 0.99 / 200 + 0.10 * 0.90 / 200)
+    assert binom > seed_se  # so this case checks the binomial term
+    assert math.isclose(d["se"], binom)
+
+
+def test_the_seed_spread_wins_when_it_is_the_larger():
+    per_seed = _seeds(student_greedy=(0.0, 0.15, 0.0))
+    d = difference(per_seed, "student/stage2", "teacher", "caption_hallucination_greedy")
+    diffs = [0.0 - 0.10, 0.15 - 0.12, 0.0 - 0.08]
+    seed_se = statistics.stdev(diffs) / math.sqrt(3)
+    binom = math.sqrt(0.05 * 0.95 / 200 + 0.10 * 0.90 / 200)
+    assert seed_se > binom
+    assert math.isclose(d["se"], seed_se)
+
+
+def test_a_larger_test_set_shrinks_the_binomial_term_but_more_seeds_do_not():
+    def se(n, seeds):
+        row = {"caption_hallucination_greedy": 0.05, "caption_greedy_n": n}
+        per_seed = [{"teacher": row, "student/stage2": {**row, "caption_hallucination_greedy": 0.05}}] * seeds
+        return difference(per_seed, "student/stage2", "teacher", "caption_hallucination_greedy")["se"]
+
+    assert math.isclose(se(200, 3), math.sqrt(2 * 0.05 * 0.95 / 200))
+    assert math.isclose(se(200, 10), se(200, 3))
+    assert math.isclose(se(600, 3), se(200, 3) / math.sqrt(3))
 
 
 def test_targets_hold_and_fail_where_they_should():

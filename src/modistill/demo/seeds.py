@@ -4,8 +4,8 @@ Each seed is a whole demo (teacher included) in DIR/seed{k}/, on the same world.
 (DIR/summary.md, summary.json) puts the teacher's and the students' figures side by side with their
 noise and says, target by target, whether it held. A comparison "beyond 2 standard errors" uses
 the larger of two standard errors of the difference of means: the one from the seeds' spread and
-the one from the evaluation's sample sizes (binomial), so neither a lucky seed trio nor a small
-test set can pass it alone.
+the one from the evaluation's sample size (binomial, over the test images that every seed shares),
+so neither a lucky seed trio nor a small test set can pass it alone.
 """
 
 from __future__ import annotations
@@ -46,16 +46,22 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _binomial_se(per_seed: list[dict[str, dict]], model: str, key: str) -> float:
-    """Standard error of the seed-mean of a rate, from each seed's evaluation sample size."""
+    """Standard error of the seed-mean of a rate from the evaluation's sample size (binomial).
+
+    Every seed is scored on the same test images, so the noise of drawing those images is shared by
+    the seeds and does not shrink with their number: the seed-mean rate p over n images has the
+    standard error sqrt(p (1 - p) / n), not that divided by sqrt(seeds). (A model that is the same
+    in every seed, like the shipped teacher's greedy captions, makes this plain.)
+    """
     n_key = SAMPLE_SIZE.get(key)
     if n_key is None:
         return 0.0
-    terms = [
-        rows[model][key] * (1 - rows[model][key]) / rows[model][n_key]
-        for rows in per_seed
-        if rows.get(model, {}).get(key) is not None and rows[model].get(n_key)
-    ]
-    return math.sqrt(sum(terms)) / len(terms) if terms else 0.0
+    rows = [r[model] for r in per_seed if r.get(model, {}).get(key) is not None and r[model].get(n_key)]
+    if not rows:
+        return 0.0
+    p = statistics.fmean(r[key] for r in rows)
+    n = statistics.fmean(r[n_key] for r in rows)
+    return math.sqrt(p * (1 - p) / n)
 
 
 def difference(per_seed: list[dict[str, dict]], a: str, b: str, key: str) -> dict[str, float]:
