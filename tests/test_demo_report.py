@@ -7,8 +7,10 @@ import math
 
 import pytest
 
-from modistill.demo.ablate import summarise
+from modistill.demo.ablate import STAGE1A_GROUPS, _variants, summarise
+from modistill.demo.plan import FULL
 from modistill.demo.report import beyond_noise, findings, summary_row, write_report
+from modistill.stages.mimic_dense import MimicDenseConfig
 
 
 def _results(vqa, f1, greedy, sampled, coverage=0.8, n=None):
@@ -133,6 +135,45 @@ def test_ablation_summary_means_stds_and_verdicts():
     # Δ = -0.003 ± 0.02: better on average, but not by more than its spread over seeds.
     assert not rows[("kd", "sft", "caption_hallucination_sampled")]["holds"]
     assert not any(r["b"] == "moe-only" for r in rows.values())  # arms missing in every seed: no row
+
+
+class _RecordingDemo:
+    """Stands in for `Demo`: records which stage plan each ablation arm is trained with."""
+
+    plan = FULL
+    seed = 0
+
+    def __init__(self):
+        self.calls = {}
+
+    def align_student(self, out, teacher, seed):
+        return out
+
+    def mimic(self, out, base, teacher, stage, **kw):
+        self.calls[out.name] = (base.name, stage, kw)
+        return out
+
+    def onpolicy_pairs(self, out, base):
+        return out
+
+    def preference(self, out, base, teacher, prefs, kind):
+        return out
+
+
+def test_ablation_arms_train_with_the_plans_they_claim(tmp_path):
+    demo = _RecordingDemo()
+    _variants(demo, tmp_path / "teacher", tmp_path)  # type: ignore[arg-type]
+    p = FULL
+    assert demo.calls["kd"][1] == p.stage1a and demo.calls["sft"][1] == p.stage1a
+    assert demo.calls["kd-moe"][:2] == ("kd", p.stage1b)
+    # dense→sparse alone starts from stage 0 like `kd`, so it trains what stage 1a trains, at its rate,
+    # for N + M steps (stage 1b's defaults would freeze the stage-0 LLM's attention)
+    base, stage, kw = demo.calls["moe-only"]
+    assert base == "stage0" and kw["upcycle_top_k"] == p.top_k
+    assert stage.learning_rate == p.stage1a.learning_rate != p.stage1b.learning_rate
+    assert stage.steps == p.stage1a.steps + p.stage1b.steps
+    assert kw["trainable"] == STAGE1A_GROUPS == MimicDenseConfig.__dataclass_fields__["trainable"].default_factory()
+    assert "trainable" not in demo.calls["kd-moe"][2]  # stage 1b proper keeps its own defaults
 
 
 def test_router_metrics_plot_spans_stage_1b_and_2(tmp_path):

@@ -277,8 +277,10 @@ class Demo:
         ce: float = 0.0,
         upcycle_top_k: int | None = None,
         loss: dict[str, Any] | None = None,
+        trainable: list[str] | None = None,
     ) -> Path:
-        """Stage 1a (dense KD), 1b (upcycle_top_k set, or an MoE base: KD + CE + balance), or SFT (kd=0)."""
+        """Stage 1a (dense KD), 1b (upcycle_top_k set, or an MoE base: KD + CE + balance), or SFT (kd=0).
+        `trainable`: parameter groups instead of the stage's defaults (runtime/groups.py)."""
         student: dict[str, Any] = {"path": str(base)}
         cfg: dict[str, Any] = {
             "output_dir": str(out_dir),
@@ -287,6 +289,8 @@ class Demo:
             "data": self.student_data(packing=False if (loss or {}).get("onpolicy_fraction", 0) > 0 else None),
             "train": self._train_args(sp),
         }
+        if trainable is not None:
+            cfg["trainable"] = trainable
         if kd == 0:
             cfg["stage"] = "sft"
         elif upcycle_top_k is not None or _is_moe(base):
