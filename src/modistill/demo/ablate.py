@@ -28,6 +28,7 @@ from modistill.demo.pipeline import Demo  # noqa: E402
 from modistill.demo.plan import FULL, QUICK  # noqa: E402
 from modistill.demo.report import summary_row  # noqa: E402
 from modistill.io import write_json_atomic, write_text_atomic  # noqa: E402
+from modistill.stages.mimic_dense import TRAINABLE as STAGE1A  # noqa: E402
 
 CLAIMS = [
     ("KD beats SFT (dense student, equal steps)", "kd", "sft"),
@@ -46,10 +47,6 @@ METRICS = [
 ]
 
 
-# What stage 1a trains (stages/mimic_dense.py): the language model and the projector.
-STAGE1A_GROUPS = ["projector", "llm"]
-
-
 def _variants(demo: Demo, teacher: Path, root: Path) -> dict[str, Path]:
     p = demo.plan
     v = {"stage0": demo.align_student(root / "stage0", teacher, demo.seed + 1)}
@@ -63,7 +60,7 @@ def _variants(demo: Demo, teacher: Path, root: Path) -> dict[str, Path]:
     # test the schedule.
     both = replace(p.stage1a, steps=p.stage1a.steps + p.stage1b.steps)
     v["moe-only"] = demo.mimic(
-        root / "moe-only", v["stage0"], teacher, both, kd=1.0, ce=1.0, upcycle_top_k=p.top_k, trainable=STAGE1A_GROUPS
+        root / "moe-only", v["stage0"], teacher, both, kd=1.0, ce=1.0, upcycle_top_k=p.top_k, trainable=list(STAGE1A)
     )
     v["kd-dense"] = demo.mimic(root / "kd-dense", v["kd"], teacher, p.stage1b, kd=1.0, ce=1.0)
     v["kd-moe-top1"] = demo.mimic(root / "kd-moe-top1", v["kd"], teacher, p.stage1b, kd=1.0, ce=1.0, upcycle_top_k=1)

@@ -60,6 +60,10 @@ class KDLoss:
             raise ValueError(f"loss.onpolicy_max_new_tokens must be >= 1, not {self.onpolicy_max_new_tokens}")
 
 
+# Stage 1a trains the language model and the projector (the paper's table; groups: modistill.runtime.groups).
+TRAINABLE = ("projector", "llm")
+
+
 @dataclass
 class MimicDenseConfig:
     output_dir: str
@@ -69,7 +73,7 @@ class MimicDenseConfig:
     teacher: TeacherConfig | None = None
     # A `modistill cache-teacher` directory: read the teacher's top-k log-probs instead of running it.
     teacher_cache: str | None = None
-    trainable: list[str] = field(default_factory=lambda: ["projector", "llm"])  # groups: modistill.runtime.groups
+    trainable: list[str] = field(default_factory=lambda: list(TRAINABLE))
     loss: KDLoss = field(default_factory=KDLoss)
     train: TrainArgs = field(default_factory=TrainArgs)
     keep_checkpoints: bool = False  # keep Trainer checkpoints after the final save
