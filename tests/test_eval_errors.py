@@ -117,6 +117,11 @@ def test_model_errors(images, tmp_path, tiny_vlm_dir):
         generate_answers, loaded.model.model.language_model, loaded.tokenizer, []
     )
     assert "--limit" in _error(evaluate, tiny_vlm_dir, [f], limit=0)
+    assert "limit names pope, which no eval file is called" in _error(
+        evaluate, tiny_vlm_dir, {"vqa": f}, limit={"pope": 5}
+    )
+    assert "limit names vqa" in _error(evaluate, tiny_vlm_dir, [f], limit={"vqa": 5})  # unnamed files
+    assert "limit for vqa must be >= 1" in _error(evaluate, tiny_vlm_dir, {"vqa": f}, limit={"vqa": 0})
     assert "--batch-size" in _error(evaluate, tiny_vlm_dir, [f], batch_size=0)
     assert "cannot create its folder" in _error(evaluate, tiny_vlm_dir, [f], out=f / "results.json")  # f is a file
     assert "num_samples > 1 needs sampling" in _error(

@@ -98,6 +98,15 @@ def test_evaluate_all_three_kinds_returns_every_metric(world, loaded, tmp_path):
     assert written["predictions"]["captions"][0]["prediction"] == res["predictions"]["captions"][0]["prediction"]
 
 
+def test_a_limit_per_named_file_cuts_those_files_and_leaves_the_others_whole(world, loaded):
+    # The demo's evaluation: the first questions of VQA and POPE, captions of every test image.
+    res = evaluate(loaded, _files(world), batch_size=16, max_new_tokens=2, limit={"vqa": 3, "pope": 4}, progress=False)
+    n_captions = len((world / "eval" / "captions.jsonl").read_text().splitlines())
+    assert {k: v["n"] for k, v in res["files"].items()} == {"vqa": 3, "pope": 4, "captions": n_captions}
+    assert n_captions > 4 and res["metrics"]["captions"]["greedy"]["n"] == n_captions
+    assert res["settings"]["limit"] == {"vqa": 3, "pope": 4}
+
+
 @pytest.mark.slow
 def test_left_padded_batches_generate_what_single_prompts_do(world, loaded):
     es = load_eval_file(world / "eval" / "vqa.jsonl", limit=12)

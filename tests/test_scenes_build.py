@@ -3,6 +3,7 @@
 import argparse
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -110,6 +111,22 @@ def test_build_is_deterministic_by_seed(tmp_path):
     build_world(tmp_path / "c", WorldConfig(), 60, 10, seed=2, progress=False)
     assert a["out_dir"] != b["out_dir"]
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
+
+
+def test_more_test_images_keep_the_training_data_and_the_first_test_and_validation_rows(tmp_path):
+    # The demo grows its test split (200 -> 600 -> 2,000) without retraining anything: this is why.
+    small = build_world(tmp_path / "s", WorldConfig(), 60, 6, seed=1, n_prefs=8, progress=False)
+    large = build_world(tmp_path / "l", WorldConfig(), 60, 15, seed=1, n_prefs=8, progress=False)
+    s, big = Path(small["out_dir"]), Path(large["out_dir"])
+    for name in ("train.json", "prefs.json", "train_scenes.jsonl"):
+        assert (s / name).read_bytes() == (big / name).read_bytes(), name
+    for split in ("eval", "val"):
+        for f in sorted((s / split).glob("*.jsonl")):
+            few, more = f.read_text().splitlines(), (big / split / f.name).read_text().splitlines()
+            assert len(more) > len(few) and more[: len(few)] == few, f"{split}/{f.name}"
+    for png in sorted((s / "images").glob("*.png")):
+        assert png.read_bytes() == (big / "images" / png.name).read_bytes(), png.name
+    assert len(list((big / "images").glob("test_*.png"))) == 15
 
 
 def test_refuses_a_non_empty_out_dir_unless_overwrite(tmp_path):

@@ -134,7 +134,8 @@ class Demo:
             out,
             batch_size=64,
             caption_samples=self.plan.caption_samples,
-            limit=self.plan.eval_limit,
+            # Questions: the first eval_limit rows; captions (the hallucination rates): every image.
+            limit={"vqa": self.plan.eval_limit, "pope": self.plan.eval_limit},
             seed=self.seed,
             progress=self.progress,
         )

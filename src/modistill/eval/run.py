@@ -160,6 +160,23 @@ def _named(eval_files: Mapping[str, str | Path] | Sequence[str | Path] | str | P
     return [(None, Path(p)) for p in eval_files]
 
 
+def _limits(limit: int | Mapping[str, int] | None, names: list[str | None]) -> list[int | None]:
+    """Each file's row limit, in the order of `names` (None: every row)."""
+    if limit is None or not isinstance(limit, Mapping):
+        if limit is not None and limit < 1:
+            raise UserError(f"--limit must be >= 1 (got {limit})")
+        return [limit] * len(names)
+    unknown = sorted(set(limit) - {n for n in names if n is not None})
+    if unknown:
+        raise UserError(
+            f"limit names {', '.join(unknown)}, which no eval file is called; name the files ({{name: path}})"
+        )
+    for name, n in limit.items():
+        if n < 1:
+            raise UserError(f"limit for {name} must be >= 1 (got {n})")
+    return [limit.get(n) if n is not None else None for n in names]
+
+
 def _unique_names(sets: list[EvalSet], given: list[str | None]) -> None:
     """Name unnamed sets by kind; two files of one kind are named by file stem (then by position)."""
     kinds = [s.kind for s in sets]
@@ -286,7 +303,7 @@ def evaluate(
     max_new_tokens: int = 48,
     caption_samples: int = 0,
     caption_temperature: float = 1.0,
-    limit: int | None = None,
+    limit: int | Mapping[str, int] | None = None,
     efficiency: bool = False,
     seed: int = 0,
     dtype: str = "float32",
@@ -299,17 +316,18 @@ def evaluate(
     `caption_temperature` (pure sampling), reported separately as metrics[name]["sampled"].
     Returns {"model", "settings", "metrics": {name: ...}, "predictions": {name: [per item]},
     "files": {name: {"path", "kind", "image_root", "n"}}, "seconds": {name: s}, "efficiency"
-    (if asked)}; the same dict (NaN as null) is written atomically to `out` if given."""
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be >= 1 (got {limit})")
+    (if asked)}; the same dict (NaN as null) is written atomically to `out` if given.
+    `limit`: the first N rows of every file, or {set name: N} for some named files (the others whole;
+    the demo scores captions on every test image but only the first questions)."""
+    named = _named(eval_files)
+    limits = _limits(limit, [n for n, _ in named])
     if caption_samples < 0:
         raise UserError(f"--caption-samples must be >= 0 (got {caption_samples})")
     if batch_size < 1 or max_new_tokens < 1:
         raise UserError(f"--batch-size and --max-new-tokens must be >= 1 (got {batch_size}, {max_new_tokens})")
-    named = _named(eval_files)
     if not named:
         raise UserError("no eval files given; pass --data FILE.jsonl")
-    sets = [load_eval_file(p, n, image_root, limit) for n, p in named]
+    sets = [load_eval_file(p, n, image_root, limits[i]) for i, (n, p) in enumerate(named)]
     _unique_names(sets, [n for n, _ in named])
     if out is not None:  # fail on an unwritable --out now, not after the generation
         try:
@@ -327,7 +345,7 @@ def evaluate(
             "decoding": "greedy",
             "caption_samples": caption_samples,
             "caption_temperature": caption_temperature,
-            "limit": limit,
+            "limit": dict(limit) if isinstance(limit, Mapping) else limit,
             "seed": seed,
             "dtype": str(next(mdl.parameters()).dtype).replace("torch.", ""),
             "device": str(mdl.device),
