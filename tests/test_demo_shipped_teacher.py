@@ -70,7 +70,8 @@ def test_demo_distils_from_the_shipped_teacher(tmp_path):
     from modistill.demo.pipeline import Demo
     from modistill.demo.plan import QUICK
 
-    result = Demo(tmp_path, replace(QUICK, teacher="shipped"), progress=False).run()
+    plan = replace(QUICK, teacher="shipped", eval_limit=20)
+    result = Demo(tmp_path, plan, progress=False).run()
     teacher = tmp_path / "teacher"
     assert (teacher / "model.safetensors").read_bytes() == (SHIPPED_TEACHER / "model.safetensors").read_bytes()
     assert "vision" not in result["timings"] and not (tmp_path / "teacher-stage0").exists()  # nothing trained
@@ -85,3 +86,9 @@ def test_demo_distils_from_the_shipped_teacher(tmp_path):
     for stage in ("stage1a", "stage1b"):
         cfg = (tmp_path / "configs" / f"student-{stage}.yaml").read_text()
         assert f"teacher_cache: {tmp_path / 'teacher-cache'}" in cfg
+    # Every test image captioned, the first eval_limit questions asked; the untrained stage-0 LLM greedy only.
+    rows = {r["model"]: r for r in result["rows"]}
+    for name, row in rows.items():
+        assert row["caption_greedy_n"] == plan.n_test > row["vqa_n"] == plan.eval_limit, name
+        assert (row["caption_hallucination_sampled"] is None) == (name == "student/stage0"), name
+    assert rows["student/stage0"]["caption_hallucination_greedy"] is not None
