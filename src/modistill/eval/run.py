@@ -162,7 +162,7 @@ def _named(eval_files: Mapping[str, str | Path] | Sequence[str | Path] | str | P
 
 def _limits(limit: int | Mapping[str, int] | None, names: list[str | None]) -> list[int | None]:
     """Each file's row limit, in the order of `names` (None: every row)."""
-    if limit is None or not isinstance(limit, Mapping):
+    if not isinstance(limit, Mapping):
         if limit is not None and limit < 1:
             raise UserError(f"--limit must be >= 1 (got {limit})")
         return [limit] * len(names)
